@@ -1,0 +1,156 @@
+"""One typed, validated view of a run's settings.
+
+Flower hands both apps `context.run_config`, a flat dict of `kebab-case` keys whose defaults live in
+`pyproject.toml` (`[tool.flwr.app.config]`). Reading it through `RunConfig.from_mapping` means a typo or
+an impossible value fails at start, with the valid names listed, instead of mid-run on some client.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, get_type_hints
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+TASKS = ("heart", "bank", "banking77", "medical-text", "custom")
+PARTITIONERS = ("natural", "iid", "dirichlet")
+STRATEGIES = ("fedavg", "fedprox", "fedadam")
+
+
+class RunConfigError(ValueError):
+    """A run setting that is unknown, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    task: str
+    data_file: str
+    schema_file: str
+    partitioner: str
+    partition_column: str
+    dirichlet_alpha: float
+    num_clients: int
+    test_fraction: float
+    seed: int
+    num_server_rounds: int
+    fraction_train: float
+    fraction_evaluate: float
+    strategy: str
+    proximal_mu: float
+    server_learning_rate: float
+    round_timeout: float
+    local_epochs: int
+    batch_size: int
+    learning_rate: float
+    weight_decay: float
+    model_width: int
+    model_depth: int
+    model_heads: int
+    max_length: int
+    vocab_size: int
+    run_dir: str
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        return tuple(f.name.replace("_", "-") for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], source: str = "run config") -> RunConfig:
+        """Check names and types of every key; missing keys take the pyproject defaults."""
+        unknown = sorted(set(values) - set(cls.keys()))
+        if unknown:
+            raise RunConfigError(
+                f"{source}: unknown setting {', '.join(repr(k) for k in unknown)}; "
+                f"valid settings: {', '.join(cls.keys())}"
+            )
+        merged = {**default_run_config(), **values}
+        hints = get_type_hints(cls)
+        kwargs = {}
+        for key in cls.keys():
+            if key not in merged:
+                raise RunConfigError(f"{source}: setting '{key}' has no value and no default")
+            attr = key.replace("-", "_")
+            kwargs[attr] = _coerce(merged[key], hints[attr], key, source)
+        config = cls(**kwargs)
+        config.validate(source)
+        return config
+
+    def to_mapping(self) -> dict[str, Any]:
+        return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+    def validate(self, source: str = "run config") -> None:
+        """Range checks: each names the setting and what would be accepted."""
+        checks = [
+            ("task", self.task in TASKS, f"one of {', '.join(TASKS)}"),
+            ("partitioner", self.partitioner in PARTITIONERS, f"one of {', '.join(PARTITIONERS)}"),
+            ("strategy", self.strategy in STRATEGIES, f"one of {', '.join(STRATEGIES)}"),
+            ("num-server-rounds", self.num_server_rounds >= 1, "an integer >= 1"),
+            ("num-clients", self.num_clients >= 1, "an integer >= 1"),
+            ("fraction-train", 0 < self.fraction_train <= 1, "a number in (0, 1]"),
+            ("fraction-evaluate", 0 < self.fraction_evaluate <= 1, "a number in (0, 1]"),
+            ("test-fraction", 0 < self.test_fraction < 1, "a number in (0, 1)"),
+            ("dirichlet-alpha", self.dirichlet_alpha > 0, "a number > 0"),
+            ("local-epochs", self.local_epochs >= 1, "an integer >= 1"),
+            ("batch-size", self.batch_size >= 1, "an integer >= 1"),
+            ("learning-rate", self.learning_rate > 0, "a number > 0"),
+            ("weight-decay", self.weight_decay >= 0, "a number >= 0"),
+            ("proximal-mu", self.proximal_mu >= 0, "a number >= 0"),
+            ("server-learning-rate", self.server_learning_rate > 0, "a number > 0"),
+            ("round-timeout", self.round_timeout > 0, "a number of seconds > 0"),
+            ("model-width", self.model_width >= 1, "an integer >= 1"),
+            ("model-depth", self.model_depth >= 1, "an integer >= 1"),
+            ("model-heads", self.model_heads >= 1, "an integer >= 1"),
+            (
+                "model-width",
+                self.model_width % max(self.model_heads, 1) == 0,
+                f"a multiple of model-heads ({self.model_heads})",
+            ),
+            ("max-length", self.max_length >= 1, "an integer >= 1"),
+            ("vocab-size", self.vocab_size >= 3, "an integer >= 3"),
+        ]
+        for key, ok, expected in checks:
+            if not ok:
+                value = getattr(self, key.replace("-", "_"))
+                raise RunConfigError(f"{source}: '{key}' = {value!r} is invalid; use {expected}")
+        if self.task == "custom" and not (self.data_file and self.schema_file):
+            raise RunConfigError(
+                f"{source}: task 'custom' needs 'data-file' and 'schema-file' "
+                "(confide simulate --data FILE --schema SCHEMA.toml)"
+            )
+
+
+def _coerce(value: Any, expected: type, key: str, source: str) -> Any:
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(value) is not expected:
+        raise RunConfigError(
+            f"{source}: '{key}' = {value!r} is a {type(value).__name__}; "
+            f"expected {expected.__name__}"
+        )
+    if expected is float and not math.isfinite(value):
+        raise RunConfigError(f"{source}: '{key}' = {value!r} must be a finite number")
+    return value
+
+
+def default_run_config() -> dict[str, Any]:
+    """The defaults, read from the one place they live: the app manifest."""
+    with (PROJECT_ROOT / "pyproject.toml").open("rb") as manifest:
+        return dict(tomllib.load(manifest)["tool"]["flwr"]["app"]["config"])
+
+
+def parse_override(assignment: str) -> tuple[str, Any]:
+    """`KEY=VALUE` from the command line, VALUE typed as TOML would type it (3, 0.5, true, "x")."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise RunConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set num-clients=10")
+    key = key.strip()
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key, value

@@ -1,0 +1,140 @@
+"""`confide`: the command line front door. Each command checks its inputs, then hands over to a layer
+(simulations, common, server, client); no federated-learning logic lives here."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from common.partition import PartitionError, partition_plan
+from common.run_config import RunConfigError, parse_override
+from common.schema import SchemaError, infer_schema, save_schema
+from common.site_data import DataFileError
+from common.tasks import load_task
+from simulations.scenario import ScenarioError, load_scenario
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+schema_app = typer.Typer(no_args_is_help=True, help="Write and check data schemas.")
+app.add_typer(schema_app, name="schema")
+
+console = Console()
+USER_ERRORS = (ScenarioError, RunConfigError, DataFileError, SchemaError, PartitionError)
+
+
+def fail(message: str) -> typer.Exit:
+    """One line on stderr and a non-zero exit: what went wrong and what to do."""
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=2)
+
+
+def partition_overrides(spec: str) -> dict[str, Any]:
+    """`iid`, `dirichlet:0.3` or `column:hospital` as run-config settings."""
+    kind, _, argument = spec.partition(":")
+    if kind == "iid" and not argument:
+        return {"partitioner": "iid"}
+    if kind == "dirichlet":
+        try:
+            return {"partitioner": "dirichlet", "dirichlet-alpha": float(argument or 0.5)}
+        except ValueError:
+            pass
+    if kind == "column" and argument:
+        return {"partitioner": "natural", "partition-column": argument}
+    raise RunConfigError(
+        f"--partition {spec!r}: use iid, dirichlet:ALPHA (e.g. dirichlet:0.5) or column:NAME"
+    )
+
+
+@app.command()
+def simulate(
+    scenario: Annotated[str, typer.Argument(help="A preset (heart, bank, ...) or a .toml file")] = (
+        "heart"
+    ),
+    rounds: Annotated[int | None, typer.Option(help="Server rounds")] = None,
+    clients: Annotated[int | None, typer.Option(help="Virtual clients")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run directory")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="KEY=VALUE for any run-config key")
+    ] = None,
+    data: Annotated[Path | None, typer.Option(help="Your own CSV/JSONL file")] = None,
+    schema: Annotated[Path | None, typer.Option(help="Its schema (confide schema infer)")] = None,
+    partition: Annotated[
+        str | None, typer.Option(help="iid | dirichlet:ALPHA | column:NAME")
+    ] = None,
+    quiet: Annotated[bool, typer.Option(help="No live display (CI)")] = False,
+    verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs")] = False,
+) -> None:
+    """Rehearse a federation on this machine with Flower's simulation engine."""
+    from simulations.engine import run_in_simulation
+    from simulations.progress import RoundProgress, read_metrics, summary_table
+
+    try:
+        overrides: dict[str, Any] = dict(parse_override(item) for item in set_ or [])
+        if rounds is not None:
+            overrides["num-server-rounds"] = rounds
+        if clients is not None:
+            overrides["num-clients"] = clients
+        if data is not None or schema is not None:
+            if data is None or schema is None:
+                raise RunConfigError("--data and --schema go together: pass both")
+            overrides.update(
+                {"task": "custom", "data-file": str(data.resolve()), "schema-file": str(schema.resolve())}
+            )
+        if partition is not None:
+            overrides.update(partition_overrides(partition))
+        run_dir = (out or Path("runs") / (data.stem if data else scenario.split("/")[-1].removesuffix(".toml"))).resolve()
+        overrides["run-dir"] = str(run_dir)
+        plan = load_scenario(scenario, overrides)
+        load_task(plan.config)  # data problems surface here, before any process starts
+        names, _ = partition_plan(plan.config)
+    except USER_ERRORS as error:
+        raise fail(str(error)) from None
+
+    console.print(
+        f"[bold]{plan.name}[/]: {plan.description or plan.config.task} - "
+        f"{len(names)} clients, {plan.config.num_server_rounds} rounds, "
+        f"strategy {plan.config.strategy} -> {run_dir}"
+    )
+    (run_dir / "metrics.json").unlink(missing_ok=True)
+    try:
+        if quiet:
+            run_in_simulation(plan.config, plan.resources, verbose)
+        else:
+            with RoundProgress(run_dir, plan.config.num_server_rounds, console):
+                run_in_simulation(plan.config, plan.resources, verbose)
+    except Exception as error:  # the ServerApp's own failure, already recorded in metrics.json
+        metrics = read_metrics(run_dir) or {}
+        raise fail(f"simulation failed: {metrics.get('error') or error}") from None
+    metrics = read_metrics(run_dir)
+    if metrics is None or metrics.get("status") != "completed":
+        raise fail(f"simulation ended without a completed run; see {run_dir / 'metrics.json'}")
+    console.print(summary_table(metrics))
+    console.print(f"run directory: {run_dir}")
+
+
+@schema_app.command("infer")
+def schema_infer(
+    file: Annotated[Path, typer.Argument(help="A CSV or JSONL file")],
+    label: Annotated[str, typer.Option(help="The column to predict")],
+    out: Annotated[Path | None, typer.Option(help="Where to write (default FILE.schema.toml)")] = None,
+) -> None:
+    """Write a schema (TOML) from a file; edit it, then share it with the federation."""
+    try:
+        schema = infer_schema(file, label)
+    except (DataFileError, SchemaError) as error:
+        raise fail(str(error)) from None
+    target = out or file.with_suffix(".schema.toml")
+    save_schema(schema, target)
+    console.print(
+        f"wrote {target}: {len(schema.numeric)} numeric, {len(schema.categorical)} categorical"
+        f"{', text ' + repr(schema.text) if schema.text else ''}; label {schema.label!r} with "
+        f"{len(schema.classes)} classes"
+    )
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    app()

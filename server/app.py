@@ -1,0 +1,63 @@
+"""The ServerApp: build the global model, run the rounds, record every one of them.
+
+Run by a real SuperLink (`confide coordinator run`) and by Flower's simulation engine
+(`confide simulate`) alike.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from common.site_data import EncodedDataset
+from flwr.app import ArrayRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from common.evaluation import evaluate
+from common.model_factory import build_model
+from common.run_config import RunConfig
+from common.tasks import load_central_test, task_schema
+from server.federation import CentralEvaluation, evaluate_round, run_federation
+from server.run_record import RunRecorder
+from server.strategy_choice import build_strategy
+
+log = logging.getLogger(__name__)
+
+app = ServerApp()
+
+
+def central_evaluation(config: RunConfig, test_set: EncodedDataset) -> CentralEvaluation:
+    model = build_model(task_schema(config), config)
+
+    def evaluate_global(arrays: ArrayRecord) -> dict[str, float]:
+        model.load_state_dict(arrays.to_torch_state_dict())
+        result = evaluate(model, test_set, batch_size=256, device=torch.device("cpu"))
+        return {"accuracy": result.accuracy, "loss": result.loss}
+
+    return evaluate_global
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    config = RunConfig.from_mapping(context.run_config)
+    torch.manual_seed(config.seed)
+    arrays = ArrayRecord(build_model(task_schema(config), config).state_dict())
+    strategy = build_strategy(config)
+    test_set = load_central_test(config)
+    recorder = RunRecorder(Path(config.run_dir), config)
+    try:
+        recorder.initial(evaluate_round(grid, strategy, arrays, 0, config.round_timeout))
+        run_federation(
+            grid,
+            strategy,
+            arrays,
+            num_rounds=config.num_server_rounds,
+            timeout=config.round_timeout,
+            on_round=recorder.round_finished,
+            central_evaluation=central_evaluation(config, test_set) if test_set else None,
+        )
+    except Exception as error:
+        recorder.finish(error=str(error))
+        raise
+    recorder.finish()

@@ -1,0 +1,38 @@
+"""Plots a person reads after a run: how the global model improved, round by round."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on a coordinator or in CI
+import matplotlib.pyplot as plt
+
+from common.checkpoint import atomic_output
+
+
+def plot_rounds(metrics: dict[str, Any], path: Path) -> None:
+    rounds = metrics["rounds"]
+    initial = metrics.get("initial") or {}
+    xs = ([0] if initial else []) + [entry["round"] for entry in rounds]
+
+    def series(key: str) -> list[float | None]:
+        return ([initial.get(key)] if initial else []) + [entry[key] for entry in rounds]
+
+    figure, (accuracy_axis, loss_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    accuracy_axis.plot(xs, series("accuracy"), marker="o", label="federated (clients' test sets)")
+    central = [entry.get("central", {}).get("accuracy") for entry in rounds]
+    if any(value is not None for value in central):
+        accuracy_axis.plot(xs[-len(rounds) :], central, marker="s", label="central test set")
+    accuracy_axis.set(xlabel="round", ylabel="accuracy", title=f"{metrics['task']}: accuracy")
+    accuracy_axis.legend()
+    loss_axis.plot(xs, series("loss"), marker="o", color="tab:red")
+    loss_axis.set(xlabel="round", ylabel="cross-entropy", title="loss")
+    for axis in (accuracy_axis, loss_axis):
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    with atomic_output(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=100)
+    plt.close(figure)

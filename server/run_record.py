@@ -1,0 +1,94 @@
+"""Everything a run leaves on disk, written after each round so a crash loses at most the round in
+flight: `metrics.json`, `metrics.csv`, `checkpoints/round-NNN.safetensors`, `model.safetensors`."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord
+
+from common.checkpoint import save_weights, write_atomically, write_json_atomically
+from common.run_config import RunConfig
+from server.federation import RoundRecord
+from server.report import plot_rounds
+
+CSV_COLUMNS = ("round", "accuracy", "loss", "central_accuracy", "clients", "failed", "seconds")
+
+
+class RunRecorder:
+    def __init__(self, run_dir: Path, config: RunConfig) -> None:
+        self.run_dir = run_dir
+        self.config = config
+        self.started = time.time()
+        self.document: dict[str, Any] = {
+            "task": config.task,
+            "status": "running",
+            "config": config.to_mapping(),
+            "initial": None,
+            "rounds": [],
+        }
+
+    def initial(self, record: RoundRecord) -> None:
+        self.document["initial"] = {"accuracy": record.accuracy, "loss": record.loss}
+        self._write_metrics()
+
+    def round_finished(self, record: RoundRecord, arrays: ArrayRecord) -> None:
+        state = arrays.to_torch_state_dict()
+        metadata = {"task": self.config.task, "round": str(record.round)}
+        save_weights(
+            state, self.run_dir / "checkpoints" / f"round-{record.round:03d}.safetensors", metadata
+        )
+        save_weights(state, self.run_dir / "model.safetensors", metadata)
+        self.document["rounds"].append(_finite(record.as_json()))
+        self._write_metrics()
+
+    def finish(self, error: str | None = None) -> None:
+        self.document["status"] = "failed" if error else "completed"
+        if error:
+            self.document["error"] = error
+        self._write_metrics()
+        if self.document["rounds"]:
+            plot_rounds(self.document, self.run_dir / "accuracy_loss.png")
+
+    def _write_metrics(self) -> None:
+        self.document["elapsed_seconds"] = time.time() - self.started
+        write_json_atomically(self.run_dir / "metrics.json", self.document)
+        write_atomically(
+            self.run_dir / "metrics.csv", _rounds_csv(self.document["rounds"]).encode()
+        )
+
+
+def _finite(document: Any) -> Any:
+    """JSON has no NaN: a metric nobody reported is null."""
+    if isinstance(document, float) and not math.isfinite(document):
+        return None
+    if isinstance(document, dict):
+        return {key: _finite(value) for key, value in document.items()}
+    if isinstance(document, list):
+        return [_finite(value) for value in document]
+    return document
+
+
+def _rounds_csv(rounds: list[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(CSV_COLUMNS)
+    for entry in rounds:
+        central = entry.get("central", {}).get("accuracy", "")
+        writer.writerow(
+            [
+                entry["round"],
+                entry["accuracy"],
+                entry["loss"],
+                central,
+                len(entry["clients"]),
+                entry["failed"],
+                round(entry["seconds"], 3),
+            ]
+        )
+    return buffer.getvalue()

@@ -1,0 +1,26 @@
+"""Pick the aggregation rule named in the run config; Flower's own strategies do the arithmetic."""
+
+from __future__ import annotations
+
+import math
+
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+
+from common.run_config import RunConfig
+
+
+def build_strategy(config: RunConfig) -> Strategy:
+    # Wait for every expected client before sampling, else the first round may start with the few
+    # that registered first ("Sampled 2 nodes out of 200").
+    sampling = {
+        "fraction_train": config.fraction_train,
+        "fraction_evaluate": config.fraction_evaluate,
+        "min_train_nodes": max(1, math.floor(config.num_clients * config.fraction_train)),
+        "min_evaluate_nodes": max(1, math.floor(config.num_clients * config.fraction_evaluate)),
+        "min_available_nodes": config.num_clients,
+    }
+    if config.strategy == "fedprox":
+        return FedProx(proximal_mu=config.proximal_mu, **sampling)
+    if config.strategy == "fedadam":
+        return FedAdam(eta=config.server_learning_rate, eta_l=config.learning_rate, **sampling)
+    return FedAvg(**sampling)

@@ -1,0 +1,103 @@
+"""Run the real ServerApp and ClientApp under Flower's simulation engine, in this process.
+
+`flwr run` would start a detached SuperLink that outlives the command and rewrite the user's
+pyproject.toml; `flwr.simulation.run_simulation` hands the ServerApp an empty run config. Instead we
+call the engine entry point that Flower's own `flwr-simulation` process uses, with the app
+directory, the fused run config and the backend settings: same apps, no side effects, nothing left
+running when it returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+from flwr.app import Context, RecordDict
+from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
+from flwr.supercore.constant import NOOP_FEDERATION_ID
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.supercore.telemetry import EventType
+
+from common.run_config import PROJECT_ROOT, RunConfig
+
+SERVER_APP = "server.app:app"
+CLIENT_APP = "client.app:app"
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one virtual client may use; Ray runs as many at once as the machine fits."""
+
+    cpus_per_client: float = 1.0
+    gpus_per_client: float = 0.0
+
+    def check_fits(self, source: str) -> None:
+        cores = os.cpu_count() or 1
+        if not 0 < self.cpus_per_client <= cores:
+            raise ValueError(
+                f"{source}: 'cpus-per-client' = {self.cpus_per_client} cannot fit one worker on "
+                f"this machine's {cores} cores; use a number in (0, {cores}]"
+            )
+        if not 0 <= self.gpus_per_client <= 1:
+            raise ValueError(
+                f"{source}: 'gpus-per-client' = {self.gpus_per_client} must be in [0, 1] "
+                "(0.25 lets four clients share one GPU)"
+            )
+
+
+def run_in_simulation(config: RunConfig, resources: Resources, verbose: bool = False) -> None:
+    """Blocks until the ServerApp returns; raises if it failed."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no phoning home from a hospital laptop
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    from flwr.simulation.run_simulation import _run_simulation  # imports Ray: only when running
+
+    run = _new_run(config)
+    context = Context(
+        run_id=run.run_id,
+        node_id=0,
+        node_config={},
+        state=RecordDict(),
+        run_config=config.to_mapping(),
+    )
+    backend_config = {
+        "client_resources": {
+            "num_cpus": resources.cpus_per_client,
+            "num_gpus": resources.gpus_per_client,
+        },
+        "init_args": {
+            "num_cpus": os.cpu_count() or 1,
+            "logging_level": "INFO" if verbose else "ERROR",
+            "log_to_driver": verbose,
+        },
+    }
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    _run_simulation(
+        num_supernodes=config.num_clients,
+        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+        server_app_attr=SERVER_APP,
+        client_app_attr=CLIENT_APP,
+        backend_name="ray",
+        backend_config=backend_config,
+        server_app_context=context,
+        app_dir=str(PROJECT_ROOT),
+        run=run,
+        verbose_logging=verbose,
+        is_app=True,
+    )
+
+
+def _new_run(config: RunConfig) -> Run:
+    """A run record carrying our overrides, so every virtual client sees the same config."""
+    run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
+    run.override_config = config.to_mapping()
+    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
+    run.federation_id = NOOP_FEDERATION_ID
+    TaskIdentity.task_id = run.primary_task_id
+    TaskIdentity.run_id = run.run_id
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    return run
