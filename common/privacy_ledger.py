@@ -262,7 +262,7 @@ def _locked(path: Path) -> Iterator[None]:
     lock_path = path.with_name(f".{path.name}.lock")
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, FILE_MODE)
     try:
-        pass
+        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # closing releases the lock

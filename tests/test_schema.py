@@ -104,7 +104,7 @@ def test_integer_classes_are_read_as_strings(tmp_path: Path) -> None:
 
 
 def test_unknown_top_level_key_is_named(tmp_path: Path) -> None:
-    message = load_error(tmp_path, VALID + 'labels = "x"\n')
+    message = load_error(tmp_path, 'labels = "x"\n' + VALID)
     assert "'labels'" in message
     assert "not a schema key" in message
 
@@ -158,7 +158,7 @@ def test_schema_without_features_rejected(tmp_path: Path) -> None:
 
 
 def test_invalid_toml_reports_position(tmp_path: Path) -> None:
-    assert "line 2" in load_error(tmp_path, 'label = "y"\nclasses = [\n')
+    assert "line 2" in load_error(tmp_path, 'label = "y"\nclasses = ["a",,]\n')
 
 
 def test_missing_schema_file(tmp_path: Path) -> None:
@@ -213,7 +213,7 @@ def test_infer_constant_column_gets_scale_one(tmp_path: Path) -> None:
 def test_infer_refuses_identifier_columns(tmp_path: Path) -> None:
     lines = ["patient,y"] + [f"P-{i:04d},{i % 2}" for i in range(60)]
     path = write(tmp_path / "ids.csv", "\n".join(lines) + "\n")
-    with pytest.raises(SchemaError, match="'patient'.*identifier"):
+    with pytest.raises(SchemaError, match=r"'patient'.*identifier"):
         infer_schema(path, "y")
 
 

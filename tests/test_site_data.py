@@ -57,10 +57,9 @@ def only_problem(path: Path, schema: Schema = SCHEMA) -> str:
 
 @pytest.mark.parametrize("delimiter", [",", ";", "\t"], ids=["comma", "semicolon", "tab"])
 def test_csv_delimiter_is_detected(tmp_path: Path, delimiter: str) -> None:
-    path = write(tmp_path / "s.csv", delimiter.join(["age", "job", "y"]) + "\n41,5;x\tz,1;2\n")
-    rows = read_table(path)
-    assert list(rows[0]) == ["age", "job", "y"]
-    assert len(rows) == 1
+    lines = [delimiter.join(["age", "job", "y"]), delimiter.join(["41", "a b", "no"])]
+    path = write(tmp_path / "s.csv", "\n".join(lines) + "\n")
+    assert read_table(path) == [{"age": "41", "job": "a b", "y": "no"}]
 
 
 def test_semicolon_file_with_quoted_header(tmp_path: Path) -> None:
@@ -258,7 +257,9 @@ def test_many_bad_rows_in_one_column_do_not_hide_other_problems(tmp_path: Path) 
 
 def test_long_problem_lists_are_cut_in_the_message(tmp_path: Path) -> None:
     columns = [f"c{i}" for i in range(30)]
-    path = write(tmp_path / "w.csv", ",".join(["age", "job", "y", *columns]) + "\n" + "1,a,no" + ",0" * 30)
+    path = write(
+        tmp_path / "w.csv", ",".join(["age", "job", "y", *columns]) + "\n" + "1,a,no" + ",0" * 30
+    )
     with pytest.raises(DataFileError) as info:
         load_site_data(path, SCHEMA)
     assert len(info.value.problems) == 30
@@ -331,13 +332,21 @@ def test_encode_rows_without_rows_is_an_error() -> None:
 
 SUFFIXES = [".csv", ".jsonl", ".csv.gz", ".jsonl.gz", ".tsv"]
 CSV_CHARS = string.ascii_letters[:6] + "0123456789.,;\t\"'\n\r -+eEnoyesinf\x00\u00e9\u2028"
+PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def check_never_crashes(directory: Path, suffix: str, data: bytes, schema: Schema) -> None:
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Module-scoped: hypothesis runs one test body many times within one fixture call."""
+    return tmp_path_factory.mktemp("scratch")
+
+
+def check_never_crashes(directory: Path, suffix: str, data: bytes, text_schema: bool) -> None:
     path = directory / f"site{suffix}"
     path.write_bytes(gzip.compress(data) if suffix.endswith(".gz") else data)
     try:
         rows = read_table(path)
+        schema = TEXT_SCHEMA if text_schema else SCHEMA
         dataset = encode_rows(rows, schema, path.name, vocab_size=50, max_length=8)
     except DataFileError as error:
         assert error.problems
@@ -346,25 +355,41 @@ def check_never_crashes(directory: Path, suffix: str, data: bytes, schema: Schem
         assert len(dataset) == len(rows) > 0
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@PROPERTY
 @given(st.sampled_from(SUFFIXES), st.binary(max_size=300), st.booleans())
 def test_arbitrary_bytes_read_or_raise_data_file_error(
-    tmp_path_factory: pytest.TempPathFactory, suffix: str, data: bytes, text: bool
+    scratch: Path, suffix: str, data: bytes, text_schema: bool
 ) -> None:
-    directory = tmp_path_factory.mktemp("bytes", numbered=False) if False else _scratch
-    check_never_crashes(directory, suffix, data, TEXT_SCHEMA if text else SCHEMA)
+    check_never_crashes(scratch, suffix, data, text_schema)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    st.sampled_from(["age,job,y\n", "age;job;y\n", "age\tjob\ty\n", "note,y\n", ""]),
-    st.text(alphabet=CSV_CHARS, max_size=200),
-    st.booleans(),
+CELLS = st.one_of(
+    st.sampled_from(["yes", "no", "admin.", "", " 1e308", "-1e308", "nan", "1,5", '"', "é"]),
+    st.floats().map(repr),
+    st.text(alphabet=CSV_CHARS, max_size=8),
 )
+
+
+@st.composite
+def csv_files(draw: st.DrawFn) -> str:
+    """Either free-form text or rows of plausible cells under a header."""
+    delimiter = draw(st.sampled_from([",", ";", "\t"]))
+    header = draw(st.sampled_from([["age", "job", "y"], ["note", "y"], []]))
+    if draw(st.booleans()):
+        body = draw(st.text(alphabet=CSV_CHARS, max_size=200))
+    else:
+        width = st.integers(len(header) - 1, len(header)) if header else st.integers(1, 3)
+        rows = draw(st.lists(width.flatmap(lambda n: st.lists(CELLS, min_size=n, max_size=n))))
+        body = "".join(delimiter.join(row) + "\n" for row in rows[:5])
+    return (delimiter.join(header) + "\n" if header else "") + body
+
+
+@PROPERTY
+@given(csv_files(), st.booleans())
 def test_arbitrary_csv_text_reads_or_raises_data_file_error(
-    header: str, body: str, text: bool
+    scratch: Path, content: str, text_schema: bool
 ) -> None:
-    check_never_crashes(_scratch, ".csv", (header + body).encode(), TEXT_SCHEMA if text else SCHEMA)
+    check_never_crashes(scratch, ".csv", content.encode(), text_schema)
 
 
 JSON_VALUES = st.recursive(
@@ -379,19 +404,10 @@ JSON_LINES = st.one_of(
 )
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@PROPERTY
 @given(st.lists(JSON_LINES, max_size=6), st.booleans())
-def test_arbitrary_jsonl_reads_or_raises_data_file_error(lines: list[str], text: bool) -> None:
+def test_arbitrary_jsonl_reads_or_raises_data_file_error(
+    scratch: Path, lines: list[str], text_schema: bool
+) -> None:
     data = "\n".join(lines).encode("utf-8", "surrogatepass")
-    check_never_crashes(_scratch, ".jsonl", data, TEXT_SCHEMA if text else SCHEMA)
-
-
-_scratch: Path
-
-
-@pytest.fixture(autouse=True)
-def _scratch_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Hypothesis reruns a test body many times; a module-level directory avoids per-example
-    fixtures (which hypothesis rejects) while still living under pytest's tmp root."""
-    global _scratch
-    _scratch = tmp_path_factory.mktemp("scratch")
+    check_never_crashes(scratch, ".jsonl", data, text_schema)

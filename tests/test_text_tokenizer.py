@@ -23,7 +23,7 @@ def test_tokenize_lowercases_and_splits_punctuation() -> None:
 
 
 def test_token_id_is_crc32_bucket_above_reserved_ids() -> None:
-    expected = 2 + zlib.crc32("pain".encode()) % (100 - 2)
+    expected = 2 + zlib.crc32(b"pain") % (100 - 2)
     assert token_id("pain", 100) == expected
     ids, _ = encode_texts(["PAIN"], vocab_size=100, max_length=4)
     assert ids[0, 0] == expected

@@ -1,0 +1,117 @@
+"""`confide simulate` as a user runs it: the real apps under Flower's simulation engine (Ray)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+CONFIDE = [sys.executable, "-m", "confide"]
+
+
+def confide(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*CONFIDE, *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def ray_processes() -> int:
+    listing = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    return sum("raylet" in line or "gcs_server" in line for line in listing.splitlines())
+
+
+@pytest.mark.slow
+def test_simulate_heart_trains_and_writes_the_run_directory(tmp_path):
+    ray_before = ray_processes()
+    result = confide("simulate", "heart", "--rounds", "2", "--out", str(tmp_path), "--quiet")
+    assert result.returncode == 0, result.stderr[-2000:]
+
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["status"] == "completed"
+    rounds = metrics["rounds"]
+    assert [entry["round"] for entry in rounds] == [1, 2]
+    assert rounds[-1]["accuracy"] > metrics["initial"]["accuracy"]
+    assert len(rounds[-1]["clients"]) == 4
+    for name in ("model.safetensors", "accuracy_loss.png", "metrics.csv"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert ray_processes() <= ray_before  # nothing left running
+
+
+def write_user_file(path: Path) -> None:
+    """A small site file whose label depends on two features, split across three sites."""
+    rng = np.random.default_rng(0)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["site", "age", "smoker", "outcome"])
+        for i in range(240):
+            age = rng.normal(55, 10)
+            smoker = rng.choice(["yes", "no"])
+            risk = (age - 55) / 10 + (1.5 if smoker == "yes" else -1.5) + rng.normal(0, 0.5)
+            writer.writerow([f"site-{i % 3}", f"{age:.1f}", smoker, "sick" if risk > 0 else "well"])
+
+
+@pytest.mark.slow
+def test_simulate_on_a_users_own_file_and_schema(tmp_path):
+    data = tmp_path / "records.csv"
+    write_user_file(data)
+    schema = tmp_path / "records.schema.toml"
+    inferred = confide("schema", "infer", str(data), "--label", "outcome", "--out", str(schema))
+    assert inferred.returncode == 0, inferred.stderr
+    text = schema.read_text()
+    text = text.replace('[categorical.site]\ncategories = ["site-0", "site-1", "site-2"]\n', "")
+    schema.write_text(text)  # the site is how records are split, not a feature
+    out = tmp_path / "run"
+    result = confide(
+        "simulate",
+        "--data", str(data),
+        "--schema", str(schema),
+        "--partition", "column:site",
+        "--clients", "3",
+        "--rounds", "3",
+        "--out", str(out),
+        "--quiet",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {c["name"] for c in metrics["rounds"][-1]["clients"]} == {"site-0", "site-1", "site-2"}
+    assert metrics["rounds"][-1]["accuracy"] > 0.8
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["simulate", "nowhere"], "unknown scenario 'nowhere'; presets: bank, banking77"),
+        (["simulate", "heart", "--set", "colour=blue"], "unknown setting 'colour'; valid settings"),
+        (["simulate", "heart", "--rounds", "0"], "'num-server-rounds' = 0 is invalid"),
+        (["simulate", "heart", "--set", "strategy=magic"], "one of fedavg, fedprox, fedadam"),
+        (["simulate", "heart", "--set", "fraction-train=1.5"], "a number in (0, 1]"),
+        (["simulate", "bank", "--clients", "30000"], "needs at least 60000 records"),
+        (["simulate", "heart", "--clients", "7"], "set num-clients=4"),
+        (["simulate", "heart", "--partition", "zigzag"], "use iid, dirichlet:ALPHA"),
+    ],
+)
+def test_bad_input_is_one_clear_line_before_anything_starts(args, message):
+    result = confide(*args, timeout=60)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_data_file_that_breaks_the_schema_lists_every_problem(tmp_path):
+    data = tmp_path / "records.csv"
+    write_user_file(data)
+    schema = tmp_path / "schema.toml"
+    assert confide("schema", "infer", str(data), "--label", "outcome", "--out", str(schema)).returncode == 0
+    lines = data.read_text().splitlines()
+    lines[5] = "site-1,old,yes,sick"
+    lines[9] = "site-2,50.0,no,unknown-outcome"
+    data.write_text("\n".join(lines) + "\n")
+    result = confide("simulate", "--data", str(data), "--schema", str(schema), "--quiet")
+    assert result.returncode == 2
+    assert "row 6, column 'age'" in result.stderr and "'old'" in result.stderr
+    assert "unknown-outcome" in result.stderr
