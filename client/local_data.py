@@ -6,10 +6,9 @@ from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 
-from common.site_data import EncodedDataset, load_site_data
-
 from common.partition import ClientSplit, client_split, site_split
 from common.run_config import RunConfig
+from common.site_data import EncodedDataset, load_site_data
 from common.tasks import task_schema
 
 PARTITION_ID_KEY = "partition-id"  # set by Flower's simulation engine

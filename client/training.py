@@ -41,7 +41,9 @@ def train_epochs(
             logits = model(*inputs)
             loss = F.cross_entropy(logits, labels)
             if anchor:
-                drift = sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor))
+                drift = sum(
+                    (p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor, strict=True)
+                )
                 loss = loss + proximal_mu / 2 * drift
             loss.backward()
             optimizer.step()

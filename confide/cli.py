@@ -81,11 +81,18 @@ def simulate(
             if data is None or schema is None:
                 raise RunConfigError("--data and --schema go together: pass both")
             overrides.update(
-                {"task": "custom", "data-file": str(data.resolve()), "schema-file": str(schema.resolve())}
+                {
+                    "task": "custom",
+                    "data-file": str(data.resolve()),
+                    "schema-file": str(schema.resolve()),
+                }
             )
         if partition is not None:
             overrides.update(partition_overrides(partition))
-        run_dir = (out or Path("runs") / (data.stem if data else scenario.split("/")[-1].removesuffix(".toml"))).resolve()
+        run_dir = (
+            out
+            or Path("runs") / (data.stem if data else scenario.split("/")[-1].removesuffix(".toml"))
+        ).resolve()
         overrides["run-dir"] = str(run_dir)
         plan = load_scenario(scenario, overrides)
         load_task(plan.config)  # data problems surface here, before any process starts
@@ -119,7 +126,9 @@ def simulate(
 def schema_infer(
     file: Annotated[Path, typer.Argument(help="A CSV or JSONL file")],
     label: Annotated[str, typer.Option(help="The column to predict")],
-    out: Annotated[Path | None, typer.Option(help="Where to write (default FILE.schema.toml)")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Where to write (default FILE.schema.toml)")
+    ] = None,
 ) -> None:
     """Write a schema (TOML) from a file; edit it, then share it with the federation."""
     try:

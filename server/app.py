@@ -10,13 +10,13 @@ import logging
 from pathlib import Path
 
 import torch
-from common.site_data import EncodedDataset
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.evaluation import evaluate
 from common.model_factory import build_model
 from common.run_config import RunConfig
+from common.site_data import EncodedDataset
 from common.tasks import load_central_test, task_schema
 from server.federation import CentralEvaluation, evaluate_round, run_federation
 from server.run_record import RunRecorder

@@ -14,8 +14,8 @@ import os
 from dataclasses import dataclass
 
 from flwr.app import Context, RecordDict
-from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
 from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
+from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
 from flwr.supercore.constant import NOOP_FEDERATION_ID
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity

@@ -31,7 +31,11 @@ class LocalGrid(Grid):
         self.client_app = client_app
         self.contexts = {
             node: Context(
-                run_id=RUN_ID, node_id=node, node_config=config, state=RecordDict(), run_config=run_config
+                run_id=RUN_ID,
+                node_id=node,
+                node_config=config,
+                state=RecordDict(),
+                run_config=run_config,
             )
             for node, config in node_configs.items()
         }
@@ -48,7 +52,9 @@ class LocalGrid(Grid):
             try:
                 reply = self.client_app(message, self.contexts[node])
             except Exception as error:  # a crashing client sends an error reply
-                reply = Message(Error(code=1, reason=f"{type(error).__name__}: {error}"), reply_to=message)
+                reply = Message(
+                    Error(code=1, reason=f"{type(error).__name__}: {error}"), reply_to=message
+                )
             reply.metadata.__dict__["_src_node_id"] = node
             replies.append(self.tamper(node, reply) if self.tamper else reply)
         return replies

@@ -106,7 +106,10 @@ def test_a_data_file_that_breaks_the_schema_lists_every_problem(tmp_path):
     data = tmp_path / "records.csv"
     write_user_file(data)
     schema = tmp_path / "schema.toml"
-    assert confide("schema", "infer", str(data), "--label", "outcome", "--out", str(schema)).returncode == 0
+    assert (
+        confide("schema", "infer", str(data), "--label", "outcome", "--out", str(schema)).returncode
+        == 0
+    )
     lines = data.read_text().splitlines()
     lines[5] = "site-1,old,yes,sick"
     lines[9] = "site-2,50.0,no,unknown-outcome"
