@@ -6,19 +6,35 @@ config differs (a data file there, a partition id here).
 
 from __future__ import annotations
 
+import logging
+
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 
-from client.local_data import load_local_split
+from client.local_data import load_local_split, open_ledger
+from client.private_training import train_privately
 from client.training import choose_device, train_epochs
 from common.evaluation import evaluate, make_loader
 from common.model_factory import build_model
+from common.partition import ClientSplit
+from common.privacy import PrivacyConfigError
+from common.privacy_ledger import BudgetExhausted, LedgerError
 from common.run_config import RunConfig
 from common.tasks import task_schema
 
 EVALUATION_BATCH_SIZE = 256
+REFUSED = 403  # error code of a reply that declines to train (privacy budget, broken ledger)
 
+log = logging.getLogger(__name__)
 app = ClientApp()
 
 
@@ -28,11 +44,9 @@ def _received_model(msg: Message, config: RunConfig) -> torch.nn.Module:
     return model
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    config = RunConfig.from_mapping(context.run_config)
-    split = load_local_split(config, context.node_config)
-    model = _received_model(msg, config)
+def _train_plain(
+    model: torch.nn.Module, split: ClientSplit, config: RunConfig, msg: Message
+) -> dict[str, float]:
     server_round = int(msg.content["config"].get("server-round", 0))
     loader = make_loader(
         split.train, config.batch_size, shuffle=True, seed=config.seed + server_round
@@ -40,26 +54,59 @@ def train(msg: Message, context: Context) -> Message:
     optimizer = torch.optim.Adam(
         model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
+    proximal_mu = float(msg.content["config"].get("proximal-mu", 0.0))
     result = train_epochs(
+        model, loader, optimizer, config.local_epochs, choose_device(), proximal_mu
+    )
+    return {
+        "train-loss": result.loss,
+        "train-accuracy": result.accuracy,
+        "train-seconds": result.seconds,
+    }
+
+
+def _train_private(
+    model: torch.nn.Module, split: ClientSplit, config: RunConfig, msg: Message, context: Context
+) -> dict[str, float]:
+    ledger = open_ledger(config, context.node_config, split)
+    private = train_privately(
         model,
-        loader,
-        optimizer,
-        config.local_epochs,
-        choose_device(),
-        proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)),
+        split.train,
+        config,
+        config.privacy_budget(context.node_config),
+        ledger,
+        run_id=str(msg.metadata.run_id),
+        server_round=int(msg.content["config"].get("server-round", 0)),
+        device=choose_device(),
     )
-    metrics = MetricRecord(
-        {
-            "num-examples": result.num_examples,
-            "train-loss": result.loss,
-            "train-accuracy": result.accuracy,
-            "train-seconds": result.seconds,
-        }
-    )
+    return {
+        "train-loss": private.result.loss,
+        "train-accuracy": private.result.accuracy,
+        "train-seconds": private.result.seconds,
+        "noise-multiplier": private.noise_multiplier,
+        "epsilon-round": private.epsilon_round,
+        "epsilon": private.epsilon_total,
+        "delta": private.delta,
+    }
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    config = RunConfig.from_mapping(context.run_config)
+    split = load_local_split(config, context.node_config)
+    model = _received_model(msg, config)
+    try:
+        if config.dp:
+            metrics = _train_private(model, split, config, msg, context)
+        else:
+            metrics = _train_plain(model, split, config, msg)
+    except (BudgetExhausted, LedgerError, PrivacyConfigError) as refusal:
+        log.warning("%s refuses to train: %s", split.name, refusal)
+        return Message(Error(code=REFUSED, reason=f"{split.name}: {refusal}"), reply_to=msg)
     content = RecordDict(
         {
             "arrays": ArrayRecord(model.state_dict()),
-            "metrics": metrics,
+            "metrics": MetricRecord({"num-examples": len(split.train), **metrics}),
             "client": ConfigRecord({"name": split.name}),
         }
     )

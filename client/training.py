@@ -25,8 +25,10 @@ def train_epochs(
     device: torch.device,
     proximal_mu: float = 0.0,
 ) -> LocalResult:
-    """SGD over the local data. With proximal_mu > 0 the FedProx term keeps weights near the
-    global model, which damps client drift on skewed data."""
+    """SGD over the local data; `num_examples` counts examples processed.
+
+    With proximal_mu > 0 the FedProx term keeps weights near the global model, which damps client
+    drift on skewed data."""
     started = time.perf_counter()
     model.to(device).train()
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
@@ -53,6 +55,6 @@ def train_epochs(
     return LocalResult(
         loss=total_loss / max(seen, 1),
         accuracy=correct / max(seen, 1),
-        num_examples=len(loader.dataset),
+        num_examples=seen,
         seconds=time.perf_counter() - started,
     )

@@ -65,6 +65,7 @@ def dirichlet_partition(
 
 def natural_partition(sites: np.ndarray) -> tuple[list[str], list[np.ndarray]]:
     """One client per distinct site, in order of first appearance."""
+    sites = sites.astype(str)
     _, first = np.unique(sites, return_index=True)
     names = [str(sites[i]) for i in sorted(first)]
     return names, [np.flatnonzero(sites == name) for name in names]
@@ -93,7 +94,24 @@ def partition_plan(config: RunConfig) -> tuple[tuple[str, ...], tuple[np.ndarray
     """Client names and record indices, computed once per process for all its clients."""
     task = load_task(config)
     if config.partitioner == "natural":
-        names, parts = natural_partition(task.column(config.partition_column))
+        sites = task.column(config.partition_column)
+        if sites is None:
+            columns = ", ".join(task.rows[0]) if task.rows else "none"
+            raise PartitionError(
+                f"task '{config.task}' has no column '{config.partition_column}' to split by "
+                f"(columns: {columns}); set partition-column, or partitioner = iid or dirichlet"
+            )
+        names, parts = natural_partition(sites)
+        small = [
+            name
+            for name, part in zip(names, parts, strict=True)
+            if len(part) < MIN_RECORDS_PER_CLIENT
+        ]
+        if small:
+            raise PartitionError(
+                f"site(s) {', '.join(small)} hold fewer than {MIN_RECORDS_PER_CLIENT} records "
+                "(one to train on, one to test on); remove them from the file or merge them"
+            )
         if len(names) != config.num_clients:
             raise PartitionError(
                 f"a natural split by '{config.partition_column}' gives {len(names)} clients "
@@ -123,5 +141,10 @@ def client_split(config: RunConfig, partition_id: int) -> ClientSplit:
 
 def site_split(config: RunConfig, dataset: EncodedDataset, name: str) -> ClientSplit:
     """A real site's whole file, held out the same way a virtual client's share is."""
+    if len(dataset) < MIN_RECORDS_PER_CLIENT:
+        raise PartitionError(
+            f"{name}: the data file holds {len(dataset)} record(s); at least "
+            f"{MIN_RECORDS_PER_CLIENT} are needed (one to train on, one to test on)"
+        )
     train, test = split_train_test(np.arange(len(dataset)), config.test_fraction, config.seed)
     return ClientSplit(name, dataset.subset(train), dataset.subset(test))

@@ -12,14 +12,18 @@ import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, get_type_hints
+
+from common.privacy import PrivacyBudget, PrivacyConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 TASKS = ("heart", "bank", "banking77", "medical-text", "custom")
 PARTITIONERS = ("natural", "iid", "dirichlet")
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
+DP_MODES = ("hooks", "ew", "functorch", "ghost")
 
 
 class RunConfigError(ValueError):
@@ -48,6 +52,14 @@ class RunConfig:
     batch_size: int
     learning_rate: float
     weight_decay: float
+    dp: bool
+    target_epsilon: float
+    target_delta: float
+    max_grad_norm: float
+    noise_multiplier: float
+    accountant: str
+    dp_mode: str
+    physical_batch_size: int
     model_width: int
     model_depth: int
     model_heads: int
@@ -111,17 +123,41 @@ class RunConfig:
                 f"a multiple of model-heads ({self.model_heads})",
             ),
             ("max-length", self.max_length >= 1, "an integer >= 1"),
+            ("noise-multiplier", self.noise_multiplier >= 0, "0 (calibrate) or a sigma > 0"),
+            ("dp-mode", self.dp_mode in DP_MODES, f"one of {', '.join(DP_MODES)}"),
+            ("physical-batch-size", self.physical_batch_size >= 1, "an integer >= 1"),
             ("vocab-size", self.vocab_size >= 3, "an integer >= 3"),
         ]
         for key, ok, expected in checks:
             if not ok:
                 value = getattr(self, key.replace("-", "_"))
                 raise RunConfigError(f"{source}: '{key}' = {value!r} is invalid; use {expected}")
+        if self.dp and self.strategy == "fedprox":
+            raise RunConfigError(
+                f"{source}: strategy 'fedprox' with dp = true: Opacus clips per-sample gradients "
+                "of the data loss only, so the proximal term would be silently dropped; use "
+                "fedavg or fedadam with DP"
+            )
+        if self.dp:
+            self.privacy_budget()  # an impossible budget fails here, naming the setting
         if self.task == "custom" and not (self.data_file and self.schema_file):
             raise RunConfigError(
                 f"{source}: task 'custom' needs 'data-file' and 'schema-file' "
                 "(confide simulate --data FILE --schema SCHEMA.toml)"
             )
+
+    def privacy_budget(self, node_config: Mapping[str, Any] | None = None) -> PrivacyBudget:
+        """The run's budget, unless the node set its own `target-epsilon`/`target-delta`."""
+        node_config = node_config or {}
+        try:
+            return PrivacyBudget(
+                target_epsilon=float(node_config.get("target-epsilon", self.target_epsilon)),
+                target_delta=float(node_config.get("target-delta", self.target_delta)),
+                max_grad_norm=self.max_grad_norm,
+                accountant=self.accountant,
+            )
+        except (PrivacyConfigError, TypeError, ValueError) as error:
+            raise RunConfigError(str(error)) from None
 
 
 def _coerce(value: Any, expected: type, key: str, source: str) -> Any:
@@ -137,10 +173,15 @@ def _coerce(value: Any, expected: type, key: str, source: str) -> Any:
     return value
 
 
-def default_run_config() -> dict[str, Any]:
-    """The defaults, read from the one place they live: the app manifest."""
+@lru_cache(maxsize=1)
+def _manifest_config() -> dict[str, Any]:
     with (PROJECT_ROOT / "pyproject.toml").open("rb") as manifest:
         return dict(tomllib.load(manifest)["tool"]["flwr"]["app"]["config"])
+
+
+def default_run_config() -> dict[str, Any]:
+    """The defaults, read from the one place they live: the app manifest."""
+    return dict(_manifest_config())
 
 
 def parse_override(assignment: str) -> tuple[str, Any]:

@@ -41,7 +41,7 @@ def toml_key(*parts: str) -> str:
 def parse_number(value: str) -> float | None:
     """The finite float in ``value``, else None.
 
-    Shared by inference and encoding so a column inferred numeric always encodes.
+    The same rule encode_rows applies, so a column inferred numeric always encodes.
     """
     try:
         number = float(value)
@@ -240,16 +240,18 @@ def schema_from_dict(data: Mapping[str, Any]) -> Schema:
     text = _string(data["text"], "text") if "text" in data else None
 
     numeric = []
-    for col, spec in _table(data.get("numeric", {}), "numeric").items():
-        spec = _table(spec, toml_key("numeric", col))
+    for col, spec in _table(data.get("numeric", {}), "numeric", "[numeric.<column>]").items():
+        spec = _table(spec, toml_key("numeric", col), "with center and scale")
         _only_keys(spec, ("center", "scale"), toml_key("numeric", col))
         center = _number(spec, "center", toml_key("numeric", col), "the column's mean")
         scale = _number(spec, "scale", toml_key("numeric", col), "the column's standard deviation")
         numeric.append(NumericFeature(col, center, scale))
 
     categorical = []
-    for col, spec in _table(data.get("categorical", {}), "categorical").items():
-        spec = _table(spec, toml_key("categorical", col))
+    for col, spec in _table(
+        data.get("categorical", {}), "categorical", "[categorical.<column>]"
+    ).items():
+        spec = _table(spec, toml_key("categorical", col), "with categories")
         _only_keys(spec, ("categories",), toml_key("categorical", col))
         key = toml_key("categorical", col, "categories")
         if "categories" not in spec:
@@ -285,9 +287,9 @@ def _string_list(value: object, key: str) -> list[str]:
     return out
 
 
-def _table(value: object, key: str) -> dict[str, Any]:
+def _table(value: object, key: str, expected: str) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise SchemaError(f"key '{key}': must be a table ([{key}.<column>]), got {value!r}")
+        raise SchemaError(f"key '{key}': must be a table ({expected}), got {value!r}")
     return value
 
 

@@ -48,12 +48,10 @@ class TaskData:
     rows: tuple[dict[str, str], ...]  # kept for natural splits by any column
     dataset: EncodedDataset
 
-    def column(self, name: str) -> np.ndarray:
-        if self.rows and name not in self.rows[0]:
-            raise ValueError(
-                f"task '{self.name}': no column '{name}' to split by; "
-                f"columns: {', '.join(self.rows[0])}"
-            )
+    def column(self, name: str) -> np.ndarray | None:
+        """A column's values as strings, or None when the task's records have no such column."""
+        if not self.rows or name not in self.rows[0]:
+            return None
         return np.array([row[name] for row in self.rows])
 
 

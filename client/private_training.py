@@ -1,0 +1,123 @@
+"""One round of DP-SGD on a client: calibrate, charge the ledger, then train under Opacus.
+
+Order matters. The round is charged to the on-disk ledger *before* training, so a crash after
+training but before the update leaves can only over-count privacy, never under-count it. A fresh
+model and PrivacyEngine each round: wrapping a module twice would add Opacus' hooks twice.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from opacus import PrivacyEngine
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+from torch import nn
+
+from client.training import train_epochs
+from common.evaluation import LocalResult, make_loader
+from common.privacy import HistoryEntry, PrivacyBudget, calibrate_noise_multiplier, epsilon_of
+from common.privacy_ledger import LedgerEntry, PrivacyLedger
+from common.run_config import RunConfig
+from common.site_data import EncodedDataset
+
+
+@dataclass(frozen=True)
+class PrivateRound:
+    result: LocalResult
+    noise_multiplier: float
+    epsilon_round: float  # this round alone
+    epsilon_total: float  # every round ever run on this data set, this one included
+    delta: float
+
+
+@lru_cache(maxsize=64)
+def _calibrated_sigma(
+    budget: PrivacyBudget,
+    sample_rate: float,
+    steps_per_round: int,
+    planned_rounds: int,
+    earlier_runs: tuple[HistoryEntry, ...],
+) -> float:
+    """The same sigma for every round of a run, however often the client process restarts."""
+    return calibrate_noise_multiplier(
+        budget, sample_rate, steps_per_round, planned_rounds, earlier_runs
+    )
+
+
+def noise_for_run(
+    config: RunConfig,
+    budget: PrivacyBudget,
+    ledger: PrivacyLedger,
+    run_id: str,
+    sample_rate: float,
+    steps: int,
+) -> float:
+    """A fixed sigma from the config, or one calibrated so that every earlier run on this data set
+    plus all planned rounds of this one end within the budget."""
+    if config.noise_multiplier > 0:
+        return config.noise_multiplier
+    earlier = tuple(e.history_entry for e in ledger.entries() if e.run_id != run_id)
+    return _calibrated_sigma(budget, sample_rate, steps, config.num_server_rounds, earlier)
+
+
+def train_privately(
+    model: nn.Module,
+    train_set: EncodedDataset,
+    config: RunConfig,
+    budget: PrivacyBudget,
+    ledger: PrivacyLedger,
+    run_id: str,
+    server_round: int,
+    device: torch.device,
+) -> PrivateRound:
+    """Raises BudgetExhausted (from the ledger) when this round would overspend."""
+    budget.validate(len(train_set))
+    loader = make_loader(
+        train_set, config.batch_size, shuffle=True, seed=config.seed + server_round
+    )
+    sample_rate = 1 / len(loader)  # what Opacus' Poisson sampler uses
+    steps = len(loader) * config.local_epochs
+    sigma = noise_for_run(config, budget, ledger, run_id, sample_rate, steps)
+    epsilon_total = ledger.charge(
+        budget, LedgerEntry(run_id, server_round, sigma, sample_rate, steps)
+    )
+
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    engine = PrivacyEngine(accountant=budget.accountant)
+    with warnings.catch_warnings():
+        # Opacus warns that secure_mode is off: torchcsprng has no build for current torch
+        # (docs/privacy.md says what that means).
+        warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
+        private_model, private_optimizer, private_loader = engine.make_private(
+            module=model.to(device),
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=sigma,
+            max_grad_norm=budget.max_grad_norm,
+            poisson_sampling=True,
+            grad_sample_mode=config.dp_mode,
+        )
+    results = []
+    for _ in range(config.local_epochs):
+        with BatchMemoryManager(
+            data_loader=private_loader,
+            max_physical_batch_size=config.physical_batch_size,
+            optimizer=private_optimizer,
+        ) as batches:
+            results.append(train_epochs(private_model, batches, private_optimizer, 1, device))
+    seen = sum(r.num_examples for r in results)
+    result = LocalResult(
+        loss=sum(r.loss * r.num_examples for r in results) / max(seen, 1),
+        accuracy=sum(r.accuracy * r.num_examples for r in results) / max(seen, 1),
+        num_examples=len(train_set),
+        seconds=sum(r.seconds for r in results),
+    )
+    epsilon_round = epsilon_of(
+        [(sigma, sample_rate, steps)], budget.target_delta, budget.accountant
+    )
+    return PrivateRound(result, sigma, epsilon_round, epsilon_total, budget.target_delta)
