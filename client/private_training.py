@@ -59,7 +59,11 @@ def noise_for_run(
     plus all planned rounds of this one end within the budget."""
     if config.noise_multiplier > 0:
         return config.noise_multiplier
-    earlier = tuple(e.history_entry for e in ledger.entries() if e.run_id != run_id)
+    entries = ledger.entries()
+    this_run = [e for e in entries if e.run_id == run_id]
+    if this_run:  # calibrated in this run's first round: the ledger remembers it
+        return this_run[0].noise_multiplier
+    earlier = tuple(e.history_entry for e in entries if e.run_id != run_id)
     return _calibrated_sigma(budget, sample_rate, steps, config.num_server_rounds, earlier)
 
 
@@ -88,11 +92,13 @@ def train_privately(
     optimizer = torch.optim.Adam(
         model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
-    engine = PrivacyEngine(accountant=budget.accountant)
     with warnings.catch_warnings():
         # Opacus warns that secure_mode is off: torchcsprng has no build for current torch
-        # (docs/privacy.md says what that means).
+        # (docs/privacy.md says what that means). Torch warns that the first layer's inputs
+        # need no gradient, which is true of every model here.
         warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
+        warnings.filterwarnings("ignore", message=".*[Ff]ull backward hook.*")
+        engine = PrivacyEngine(accountant=budget.accountant)
         private_model, private_optimizer, private_loader = engine.make_private(
             module=model.to(device),
             optimizer=optimizer,
@@ -102,14 +108,14 @@ def train_privately(
             poisson_sampling=True,
             grad_sample_mode=config.dp_mode,
         )
-    results = []
-    for _ in range(config.local_epochs):
-        with BatchMemoryManager(
-            data_loader=private_loader,
-            max_physical_batch_size=config.physical_batch_size,
-            optimizer=private_optimizer,
-        ) as batches:
-            results.append(train_epochs(private_model, batches, private_optimizer, 1, device))
+        results = []
+        for _ in range(config.local_epochs):
+            with BatchMemoryManager(
+                data_loader=private_loader,
+                max_physical_batch_size=config.physical_batch_size,
+                optimizer=private_optimizer,
+            ) as batches:
+                results.append(train_epochs(private_model, batches, private_optimizer, 1, device))
     seen = sum(r.num_examples for r in results)
     result = LocalResult(
         loss=sum(r.loss * r.num_examples for r in results) / max(seen, 1),

@@ -11,6 +11,8 @@ import typer
 from rich.console import Console
 
 from common.partition import PartitionError, partition_plan
+from common.privacy import PrivacyConfigError
+from common.privacy_ledger import LedgerError, RunSummary, summarize
 from common.run_config import RunConfigError, parse_override
 from common.schema import SchemaError, infer_schema, save_schema
 from common.site_data import DataFileError
@@ -22,7 +24,14 @@ schema_app = typer.Typer(no_args_is_help=True, help="Write and check data schema
 app.add_typer(schema_app, name="schema")
 
 console = Console()
-USER_ERRORS = (ScenarioError, RunConfigError, DataFileError, SchemaError, PartitionError)
+USER_ERRORS = (
+    ScenarioError,
+    RunConfigError,
+    DataFileError,
+    SchemaError,
+    PartitionError,
+    PrivacyConfigError,
+)
 
 
 def fail(message: str) -> typer.Exit:
@@ -142,6 +151,44 @@ def schema_infer(
         f"{', text ' + repr(schema.text) if schema.text else ''}; label {schema.label!r} with "
         f"{len(schema.classes)} classes"
     )
+
+
+@app.command()
+def privacy(
+    ledger: Annotated[Path, typer.Argument(help="A client's privacy ledger (JSON)")],
+    delta: Annotated[float | None, typer.Option(help="Report epsilon at this delta")] = None,
+) -> None:
+    """What a data set has spent: epsilon per run and in total, always with its delta."""
+    from rich.table import Table
+
+    try:
+        runs = summarize(ledger, delta)
+    except (LedgerError, PrivacyConfigError) as error:
+        raise fail(str(error)) from None
+    table = Table(title=f"privacy ledger {ledger}")
+    for column in (
+        "data set",
+        "run",
+        "rounds",
+        "last round at",
+        "epsilon (cumulative)",
+        "delta",
+        "budget left",
+    ):
+        table.add_column(column, justify="right")
+    for run in runs:
+        left = "" if run.budget_left is None else f"{run.budget_left:.3f} of {run.target_epsilon:g}"
+        table.add_row(
+            run.fingerprint[:12], run.run_id, str(run.rounds), run.last_recorded_at,
+            f"{run.epsilon:.3f}", f"{run.delta:g}", left,
+        )  # fmt: skip
+    console.print(table)
+    totals: dict[str, RunSummary] = {run.fingerprint: run for run in runs}  # last run = total
+    for fingerprint, run in totals.items():
+        console.print(
+            f"data set {fingerprint[:12]}: total epsilon {run.epsilon:.3f} at delta {run.delta:g}"
+            + (f", budget left {run.budget_left:.3f}" if run.budget_left is not None else "")
+        )
 
 
 def main() -> None:

@@ -44,6 +44,9 @@ class RoundRecord:
             "failures": self.failures,
             "clients": self.clients,
         }
+        epsilons = [client["epsilon"] for client in self.clients if "epsilon" in client]
+        if epsilons:
+            document["epsilon_max"] = max(epsilons)
         if self.central:
             document["central"] = self.central
         return document
@@ -103,8 +106,12 @@ def evaluate_round(
             "loss": float(metrics["loss"]),
         }
         if train_metrics and node in train_metrics:
-            client["train_examples"] = int(train_metrics[node]["num-examples"])
-            client["train_seconds"] = float(train_metrics[node]["train-seconds"])
+            trained = train_metrics[node]
+            client["train_examples"] = int(trained["num-examples"])
+            client["train_seconds"] = float(trained["train-seconds"])
+            if "epsilon" in trained:  # DP-SGD: cumulative over the data set's whole history
+                client["epsilon"] = float(trained["epsilon"])
+                client["delta"] = float(trained["delta"])
         clients.append(client)
     return RoundRecord(
         round=server_round,

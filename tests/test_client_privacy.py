@@ -1,0 +1,118 @@
+"""DP-SGD inside the real ClientApp: budgets are enforced per data set, refusals are reported, and
+the ledger's history is the accountant's truth. Real Opacus throughout."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from flwr.app import ArrayRecord
+
+from client.app import app as client_app
+from common.model_factory import build_model
+from common.privacy import epsilon_of
+from common.privacy_ledger import PrivacyLedger
+from common.run_config import RunConfig
+from common.tasks import task_schema
+from server.federation import FederationError, run_round
+from server.strategy_choice import build_strategy
+from tests.local_grid import LocalGrid
+
+
+def dp_config(tmp_path, **overrides) -> RunConfig:
+    settings = {
+        "dp": True,
+        "local-epochs": 1,
+        "num-server-rounds": 3,
+        "batch-size": 32,
+        "run-dir": str(tmp_path),
+        **overrides,
+    }
+    return RunConfig.from_mapping(settings)
+
+
+def hospitals(**extra_by_partition) -> dict[int, dict]:
+    return {
+        10 + i: {"partition-id": i, "num-partitions": 4, **extra_by_partition.get(str(i), {})}
+        for i in range(4)
+    }
+
+
+def run_rounds(config: RunConfig, nodes: dict[int, dict], rounds: int):
+    grid = LocalGrid(client_app, config.to_mapping(), nodes)
+    strategy = build_strategy(config)
+    arrays = ArrayRecord(build_model(task_schema(config), config).state_dict())
+    records = []
+    for server_round in range(1, rounds + 1):
+        arrays, record = run_round(grid, strategy, arrays, server_round, timeout=60)
+        records.append(record)
+    return records
+
+
+def test_calibrated_noise_keeps_every_client_within_its_budget(tmp_path):
+    config = dp_config(tmp_path, **{"target-epsilon": 2.0})
+    records = run_rounds(config, hospitals(), rounds=3)
+    final = records[-1].as_json()
+    assert len(final["clients"]) == 4
+    for client in final["clients"]:
+        assert client["delta"] == 1e-5
+        assert 1.5 < client["epsilon"] <= 2.0  # calibrated to spend, not to waste, the budget
+    assert final["epsilon_max"] == max(c["epsilon"] for c in final["clients"])
+
+
+def test_the_ledger_history_reproduces_the_reported_epsilon(tmp_path):
+    config = dp_config(tmp_path)
+    records = run_rounds(config, hospitals(), rounds=2)
+    ledger_file = tmp_path / "privacy-ledgers" / "cleveland.json"
+    datasets = json.loads(ledger_file.read_text())["datasets"]
+    (fingerprint,) = datasets
+    ledger = PrivacyLedger.open(ledger_file, fingerprint)
+    assert [entry.server_round for entry in ledger.entries()] == [1, 2]
+    reported = next(c for c in records[-1].clients if c["name"] == "cleveland")["epsilon"]
+    assert epsilon_of(ledger.history(), 1e-5, "prv") == pytest.approx(reported, rel=1e-9)
+
+
+def test_a_site_whose_budget_allows_three_rounds_refuses_the_fourth(tmp_path):
+    # A fixed sigma (agreed for utility), and one hospital with a smaller budget of its own.
+    config = dp_config(
+        tmp_path, **{"noise-multiplier": 2.0, "num-server-rounds": 5, "target-epsilon": 50.0}
+    )
+    run_rounds(config, hospitals(), rounds=1)
+    ledgers = tmp_path / "privacy-ledgers"
+    swiss = json.loads((ledgers / "switzerland.json").read_text())
+    (entry,) = next(iter(swiss["datasets"].values()))["entries"]
+    one_round = (entry["noise_multiplier"], entry["sample_rate"], entry["steps"])
+    three, four = (epsilon_of([one_round] * n, 1e-5, "prv") for n in (3, 4))
+    budget = (three + four) / 2
+    for ledger in ledgers.iterdir():
+        ledger.unlink()
+
+    records = run_rounds(config, hospitals(**{"2": {"target-epsilon": budget}}), rounds=5)
+
+    trained = [{c["name"] for c in r.clients if "epsilon" in c} for r in records]
+    assert ["switzerland" in names for names in trained] == [True, True, True, False, False]
+    assert all(len(names - {"switzerland"}) == 3 for names in trained)  # the others go on
+    (refusal,) = [f for f in records[3].failures if f["stage"] == "train"]
+    assert refusal["reason"].startswith("switzerland: privacy budget exhausted: epsilon")
+    assert f"of {budget:.2f} spent (delta 1e-05)" in refusal["reason"]
+
+
+def test_a_tampered_ledger_means_no_training_and_no_reset(tmp_path):
+    config = dp_config(tmp_path)
+    run_rounds(config, hospitals(), rounds=1)
+    ledger_file = tmp_path / "privacy-ledgers" / "hungary.json"
+    tampered = ledger_file.read_text().replace('"steps": ', '"steps": 1', 1)
+    ledger_file.write_text(tampered)
+    grid_config = dp_config(tmp_path)
+    grid = LocalGrid(client_app, grid_config.to_mapping(), hospitals())
+    arrays = ArrayRecord(build_model(task_schema(config), config).state_dict())
+    _, record = run_round(grid, build_strategy(config), arrays, 2, timeout=60)
+    (failure,) = [f for f in record.failures if f["stage"] == "train"]
+    assert failure["reason"].startswith("hungary:") and "refusing to train" in failure["reason"]
+    assert ledger_file.read_text() == tampered  # never reset
+
+
+def test_when_every_budget_is_spent_the_run_stops_with_the_reason(tmp_path):
+    config = dp_config(tmp_path, **{"noise-multiplier": 0.5, "target-epsilon": 0.5})
+    with pytest.raises(FederationError, match="privacy budget exhausted"):
+        run_rounds(config, hospitals(), rounds=1)
