@@ -22,7 +22,7 @@ from flwr.clientapp import ClientApp
 
 from client.local_data import load_local_split, open_ledger
 from client.private_training import train_privately
-from client.training import choose_device, train_epochs
+from client.training import choose_device, make_optimizer, train_epochs
 from common.evaluation import evaluate, make_loader
 from common.model_factory import build_model
 from common.partition import ClientSplit
@@ -51,9 +51,7 @@ def _train_plain(
     loader = make_loader(
         split.train, config.batch_size, shuffle=True, seed=config.seed + server_round
     )
-    optimizer = torch.optim.Adam(
-        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
-    )
+    optimizer = make_optimizer(config.optimizer, model, config.learning_rate, config.weight_decay)
     proximal_mu = float(msg.content["config"].get("proximal-mu", 0.0))
     result = train_epochs(
         model, loader, optimizer, config.local_epochs, choose_device(), proximal_mu

@@ -16,7 +16,7 @@ from opacus import PrivacyEngine
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 
-from client.training import train_epochs
+from client.training import make_optimizer, train_epochs
 from common.evaluation import LocalResult, make_loader
 from common.privacy import HistoryEntry, PrivacyBudget, calibrate_noise_multiplier, epsilon_of
 from common.privacy_ledger import LedgerEntry, PrivacyLedger
@@ -89,8 +89,8 @@ def train_privately(
         budget, LedgerEntry(run_id, server_round, sigma, sample_rate, steps)
     )
 
-    optimizer = torch.optim.Adam(
-        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    optimizer = make_optimizer(
+        config.dp_optimizer, model, config.dp_learning_rate, config.weight_decay
     )
     with warnings.catch_warnings():
         # Opacus warns that secure_mode is off: torchcsprng has no build for current torch

@@ -129,12 +129,22 @@ def partition_plan(config: RunConfig) -> tuple[tuple[str, ...], tuple[np.ndarray
     return tuple(f"{role}-{i + 1}" for i in range(len(parts))), tuple(parts)
 
 
+def holdout_split(indices: np.ndarray, config: RunConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Train and evaluation records. With holdout = "validation" the test records stay untouched
+    and a validation share is carved out of the training records, so settings can be tuned
+    without ever looking at the test sets."""
+    train, test = split_train_test(indices, config.test_fraction, config.seed)
+    if config.holdout == "test":
+        return train, test
+    return split_train_test(train, config.test_fraction, config.seed + 1)
+
+
 def client_split(config: RunConfig, partition_id: int) -> ClientSplit:
     """One virtual client's train and test sets (cheap: index slices of the cached task)."""
     names, parts = partition_plan(config)
     if not 0 <= partition_id < len(parts):
         raise PartitionError(f"partition-id {partition_id} is outside 0..{len(parts) - 1}")
-    train, test = split_train_test(parts[partition_id], config.test_fraction, config.seed)
+    train, test = holdout_split(parts[partition_id], config)
     dataset = load_task(config).dataset
     return ClientSplit(names[partition_id], dataset.subset(train), dataset.subset(test))
 
@@ -146,5 +156,5 @@ def site_split(config: RunConfig, dataset: EncodedDataset, name: str) -> ClientS
             f"{name}: the data file holds {len(dataset)} record(s); at least "
             f"{MIN_RECORDS_PER_CLIENT} are needed (one to train on, one to test on)"
         )
-    train, test = split_train_test(np.arange(len(dataset)), config.test_fraction, config.seed)
+    train, test = holdout_split(np.arange(len(dataset)), config)
     return ClientSplit(name, dataset.subset(train), dataset.subset(test))

@@ -23,6 +23,8 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("heart", "bank", "banking77", "medical-text", "custom")
 PARTITIONERS = ("natural", "iid", "dirichlet")
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
+OPTIMIZERS = ("adam", "sgd")
+HOLDOUTS = ("test", "validation")
 DP_MODES = ("hooks", "ew", "functorch", "ghost")
 
 
@@ -40,6 +42,7 @@ class RunConfig:
     dirichlet_alpha: float
     num_clients: int
     test_fraction: float
+    holdout: str
     seed: int
     num_server_rounds: int
     fraction_train: float
@@ -50,6 +53,7 @@ class RunConfig:
     round_timeout: float
     local_epochs: int
     batch_size: int
+    optimizer: str
     learning_rate: float
     weight_decay: float
     dp: bool
@@ -60,6 +64,8 @@ class RunConfig:
     accountant: str
     dp_mode: str
     physical_batch_size: int
+    dp_optimizer: str
+    dp_learning_rate: float
     model_width: int
     model_depth: int
     model_heads: int
@@ -106,10 +112,14 @@ class RunConfig:
             ("fraction-train", 0 < self.fraction_train <= 1, "a number in (0, 1]"),
             ("fraction-evaluate", 0 < self.fraction_evaluate <= 1, "a number in (0, 1]"),
             ("test-fraction", 0 < self.test_fraction < 1, "a number in (0, 1)"),
+            ("holdout", self.holdout in HOLDOUTS, f"one of {', '.join(HOLDOUTS)}"),
             ("dirichlet-alpha", self.dirichlet_alpha > 0, "a number > 0"),
             ("local-epochs", self.local_epochs >= 1, "an integer >= 1"),
             ("batch-size", self.batch_size >= 1, "an integer >= 1"),
             ("learning-rate", self.learning_rate > 0, "a number > 0"),
+            ("optimizer", self.optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
+            ("dp-optimizer", self.dp_optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
+            ("dp-learning-rate", self.dp_learning_rate > 0, "a number > 0"),
             ("weight-decay", self.weight_decay >= 0, "a number >= 0"),
             ("proximal-mu", self.proximal_mu >= 0, "a number >= 0"),
             ("server-learning-rate", self.server_learning_rate > 0, "a number > 0"),

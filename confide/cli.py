@@ -191,6 +191,13 @@ def privacy(
         )
 
 
+from confide.deploy_cli import certs_app, coordinator_app, join  # noqa: E402
+
+app.add_typer(certs_app, name="certs")
+app.add_typer(coordinator_app, name="coordinator")
+app.command()(join)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     app()

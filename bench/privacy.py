@@ -1,0 +1,185 @@
+"""Privacy figures: DP-SGD step cost per Opacus mode, and utility at epsilon 1, 3, 8.
+
+    .venv/bin/python -m bench.privacy            # everything (about 15 minutes on 2 cores)
+    .venv/bin/python -m bench.privacy steps      # only the step-time table
+
+Each step-time configuration runs in a fresh process so its peak RSS is its own.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from bench.harness import confide, mean_site_accuracy, setup_line, spread, write_section
+from common.evaluation import make_loader
+from common.model_factory import build_model
+from common.run_config import RunConfig
+from common.tasks import load_task
+
+MODES = ("non-private", "hooks", "ew", "functorch", "ghost")
+MODELS = {
+    "tabular (heart schema)": {"task": "heart"},
+    "text (banking77, 32 tokens)": {"task": "banking77", "max-length": 32, "model-width": 64},
+}
+BATCH = 64
+WARMUP, STEPS = 5, 40
+
+
+def time_steps(model_key: str, mode: str) -> dict[str, float]:
+    """Median seconds per optimizer step at batch 64, in this (fresh) process."""
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    config = RunConfig.from_mapping({**MODELS[model_key], "partitioner": "iid", "num-clients": 1})
+    task = load_task(config)
+    model = build_model(task.schema, config)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loader = make_loader(task.dataset, BATCH, shuffle=True)
+    criterion = torch.nn.CrossEntropyLoss()
+    if mode != "non-private":
+        from opacus import PrivacyEngine
+
+        warnings.filterwarnings("ignore")
+        engine = PrivacyEngine()
+        wrapped = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            poisson_sampling=False,  # fixed batches: compare like with like
+            grad_sample_mode=mode,
+            **({"criterion": criterion} if mode == "ghost" else {}),
+        )
+        if mode == "ghost":
+            model, optimizer, criterion, loader = wrapped
+        else:
+            model, optimizer, loader = wrapped
+    batches = (batch for _ in range(WARMUP + STEPS) for batch in loader)
+    times = []
+    for step in range(WARMUP + STEPS):
+        *inputs, labels = next(batches)
+        started = time.perf_counter()
+        optimizer.zero_grad()
+        loss = (
+            criterion(model(*inputs), labels)
+            if mode == "ghost"
+            else F.cross_entropy(model(*inputs), labels)
+        )
+        loss.backward()
+        optimizer.step()
+        if step >= WARMUP:
+            times.append(time.perf_counter() - started)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"step_ms": statistics.median(times) * 1000, "peak_rss_mb": peak_mb}
+
+
+def step_table() -> list[str]:
+    lines = [
+        f"Batch {BATCH}, 1 thread, median of {STEPS} steps after {WARMUP} warm-up; each row in a fresh process.",
+        "",
+        "| model | mode | ms / step | x non-private | peak RSS (MB) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for model_key in MODELS:
+        baseline = None
+        for mode in MODES:
+            result = subprocess.run(
+                [sys.executable, "-m", "bench.privacy", "--one", model_key, mode],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if result.returncode != 0:
+                error = result.stderr.strip().splitlines()[-1][:120]
+                lines.append(f"| {model_key} | {mode} | fails: {error} | | |")
+                continue
+            figures = json.loads(result.stdout.strip().splitlines()[-1])
+            baseline = baseline or figures["step_ms"]
+            lines.append(
+                f"| {model_key} | {mode} | {figures['step_ms']:.1f} | "
+                f"{figures['step_ms'] / baseline:.2f} | {figures['peak_rss_mb']:.0f} |"
+            )
+    return lines
+
+
+def utility_table(work: Path) -> list[str]:
+    seeds = (0, 1, 2)
+    lines = [
+        "| task | privacy | accuracy (seeds 0-2) | max client epsilon |",
+        "| --- | --- | --- | --- |",
+    ]
+    for epsilon in (None, 8.0, 3.0, 1.0):
+        scores, spent = [], []
+        for seed in seeds:
+            dp = (
+                []
+                if epsilon is None
+                else ["--set", "dp=true", "--set", f"target-epsilon={epsilon}"]
+            )
+            out = work / f"heart-{epsilon}-{seed}"
+            metrics, _ = confide(
+                "simulate", "heart", "--set", f"seed={seed}", *dp, *DP_HEART, "--out", str(out)
+            )
+            scores.append(mean_site_accuracy(metrics))
+            spent.append(metrics["rounds"][-1].get("epsilon_max", 0.0))
+        label = "no DP" if epsilon is None else f"epsilon {epsilon:g}, delta 1e-5"
+        lines.append(
+            f"| heart (mean per-hospital) | {label} | {spread(scores)} | {max(spent):.2f} |"
+        )
+    for epsilon in (None, 8.0):
+        dp = [] if epsilon is None else ["--set", "dp=true", "--set", f"target-epsilon={epsilon}"]
+        metrics, _ = confide(
+            "simulate", "banking77", *dp, *DP_TEXT, "--out", str(work / f"b77-{epsilon}")
+        )
+        label = "no DP" if epsilon is None else f"epsilon {epsilon:g}, delta 1e-5"
+        accuracy = metrics["rounds"][-1]["central"]["accuracy"]
+        lines.append(
+            f"| banking77 (published test set) | {label} | {accuracy:.3f} | "
+            f"{metrics['rounds'][-1].get('epsilon_max', 0.0):.2f} |"
+        )
+    lines += [
+        "",
+        "FLamby's DP table for Fed-Heart-Disease (FedAvg + Opacus, logistic regression): about 0.70 "
+        "at epsilon >= 5 and 0.685-0.706 at epsilon 1.",
+    ]
+    return lines
+
+
+DP_HEART = ["--set", "batch-size=64"]  # chosen on the validation split (see BENCHMARKS.md)
+DP_TEXT = []
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["--one"]:
+        print(json.dumps(time_steps(sys.argv[2], sys.argv[3])))
+        return
+    parts = [f"## Privacy\n\nSetup: {setup_line()}.\n", "### DP-SGD step cost per Opacus mode\n"]
+    parts += step_table()
+    if sys.argv[1:2] != ["steps"]:
+        with tempfile.TemporaryDirectory() as scratch:
+            parts += [
+                "",
+                "### Utility against epsilon",
+                "",
+                f"Command: `.venv/bin/confide simulate heart --set dp=true --set target-epsilon=E {' '.join(DP_HEART)} --set seed=S`",
+                "",
+            ]
+            parts += utility_table(Path(scratch))
+    body = "\n".join(parts) + "\n"
+    print(body)
+    print(write_section("privacy" if sys.argv[1:2] != ["steps"] else "privacy-steps", body))
+
+
+if __name__ == "__main__":
+    main()
