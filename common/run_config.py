@@ -22,7 +22,17 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 TASKS = ("heart", "bank", "banking77", "medical-text", "custom")
 PARTITIONERS = ("natural", "iid", "dirichlet")
-STRATEGIES = ("fedavg", "fedprox", "fedadam")
+STRATEGIES = (
+    "fedavg",
+    "fedprox",
+    "fedadam",
+    "fedmedian",
+    "fedtrimmedavg",
+    "krum",
+    "multikrum",
+    "bulyan",
+)
+NORM_ACTIONS = ("reject", "clip")
 OPTIMIZERS = ("adam", "sgd")
 HOLDOUTS = ("test", "validation")
 DP_MODES = ("hooks", "ew", "functorch", "ghost")
@@ -50,6 +60,11 @@ class RunConfig:
     strategy: str
     proximal_mu: float
     server_learning_rate: float
+    num_malicious: int
+    trim_beta: float
+    max_update_norm: float
+    norm_action: str
+    max_num_examples: int
     round_timeout: float
     local_epochs: int
     batch_size: int
@@ -124,6 +139,11 @@ class RunConfig:
             ("proximal-mu", self.proximal_mu >= 0, "a number >= 0"),
             ("server-learning-rate", self.server_learning_rate > 0, "a number > 0"),
             ("round-timeout", self.round_timeout > 0, "a number of seconds > 0"),
+            ("num-malicious", self.num_malicious >= 0, "an integer >= 0"),
+            ("trim-beta", 0 <= self.trim_beta < 0.5, "a number in [0, 0.5)"),
+            ("max-update-norm", self.max_update_norm >= 0, "0 (no bound) or a number > 0"),
+            ("norm-action", self.norm_action in NORM_ACTIONS, f"one of {', '.join(NORM_ACTIONS)}"),
+            ("max-num-examples", self.max_num_examples >= 1, "an integer >= 1"),
             ("model-width", self.model_width >= 1, "an integer >= 1"),
             ("model-depth", self.model_depth >= 1, "an integer >= 1"),
             ("model-heads", self.model_heads >= 1, "an integer >= 1"),

@@ -21,6 +21,7 @@ from common.tasks import load_central_test, task_schema
 from server.federation import CentralEvaluation, evaluate_round, run_federation
 from server.run_record import RunRecorder
 from server.strategy_choice import build_strategy
+from server.update_validation import UpdatePolicy
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,10 @@ def central_evaluation(config: RunConfig, test_set: EncodedDataset) -> CentralEv
         return {"accuracy": result.accuracy, "loss": result.loss}
 
     return evaluate_global
+
+
+def update_policy(config: RunConfig) -> UpdatePolicy:
+    return UpdatePolicy(config.max_update_norm, config.norm_action, config.max_num_examples)
 
 
 @app.main()
@@ -54,6 +59,7 @@ def main(grid: Grid, context: Context) -> None:
             arrays,
             num_rounds=config.num_server_rounds,
             timeout=config.round_timeout,
+            policy=update_policy(config),
             on_round=recorder.round_finished,
             central_evaluation=central_evaluation(config, test_set) if test_set else None,
         )

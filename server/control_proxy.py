@@ -107,7 +107,7 @@ def nginx_config(settings: ProxySettings) -> str:
 worker_processes 1;
 pid {_quote(work / "nginx.pid")};
 error_log {_quote(work / "error.log")} warn;
-events {{ worker_connections 1024; }}
+events {{ worker_connections 4096; }}  # two or three connections per site
 
 http {{
     access_log {_quote(work / "access.log")};

@@ -22,7 +22,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,7 +49,6 @@ from common.processes import (
     stop_all,
     wait_for_port,
 )
-from common.run_config import PROJECT_ROOT, RunConfig, RunConfigError
 from server import flwr_control
 from server.control_proxy import NGINX_HINT, UPSTREAM_TLS_NAME, ProxySettings, start_proxy
 from server.flwr_control import ControlConnection, ControlError
@@ -60,8 +59,6 @@ DEFAULT_HOST = "0.0.0.0"
 DEFAULT_PORT = 9092
 START_TIMEOUT_SECONDS = 180.0
 STOP_TIMEOUT_SECONDS = 60.0
-POLL_SECONDS = 2.0
-RUN_STATUS_EVERY_SECONDS = 10.0
 INTERNAL_TLS_DAYS = 3650
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 FLOWER_HINT = "reinstall Confide in this environment: pip install -e ."
@@ -122,7 +119,8 @@ def _write_json(path: Path, document: Mapping[str, Any]) -> None:
     tmp.replace(path)
 
 
-def _running_status(state: Path) -> dict[str, Any] | None:
+def running_status(state: Path) -> dict[str, Any] | None:
+    """coordinator.json of a live `coordinator start` for `state`, else None."""
     status = read_status(state)
     if status and status.get("status") in ("starting", "ready") and pid_alive(int(status["pid"])):
         return status
@@ -154,7 +152,7 @@ def check_start(settings: StartSettings) -> dict[str, Path]:
         )
     if settings.state.exists() and not settings.state.is_dir():
         raise CoordinatorError(f"{settings.state}: exists and is not a directory; pass --state DIR")
-    running = _running_status(settings.state)
+    running = running_status(settings.state)
     if running:
         raise CoordinatorError(
             f"{StateLayout(settings.state).status_file}: a coordinator already runs for this "
@@ -388,7 +386,7 @@ def abort_on_sigterm() -> None:
 
 def stop_coordinator(state: Path, timeout: float = STOP_TIMEOUT_SECONDS) -> int | None:
     """SIGTERM the running `coordinator start` for `state`; returns its pid (None: none ran)."""
-    status = _running_status(state.resolve())
+    status = running_status(state.resolve())
     if status is None:
         return None
     pid = int(status["pid"])
@@ -407,174 +405,3 @@ def stop_coordinator(state: Path, timeout: float = STOP_TIMEOUT_SECONDS) -> int 
             f"{StateLayout(state).logs}"
         )
     return pid
-
-
-# ------------------------------------------------------------------------------ run
-
-
-@dataclass(frozen=True)
-class RunRequest:
-    state: Path
-    out: Path
-    rounds: int | None = None
-    overrides: Mapping[str, Any] = field(default_factory=dict)
-    clients: int | None = None  # how many must be online; default: every registered client
-    wait_timeout: float = 600.0
-    run_timeout: float = 6 * 3600.0
-
-
-@dataclass(frozen=True)
-class SubmittedRun:
-    run_id: int
-    run_dir: Path
-    config: RunConfig
-    connection: ControlConnection
-    expected_clients: int
-
-
-def connect(state: Path) -> tuple[ControlConnection, dict[str, Any]]:
-    """The Control API of the coordinator running for `state`, or a one-line error."""
-    layout = StateLayout(state.resolve())
-    status = _running_status(layout.root)
-    if status is None or status.get("status") != "ready":
-        raise CoordinatorError(
-            f"{layout.status_file}: no coordinator is running for {layout.root}; start it with "
-            f"`confide coordinator start --certs DIR --state {layout.root}`"
-        )
-    connection = ControlConnection(
-        layout.flwr_home, status["control_address"], layout.internal_tls.ca_cert
-    )
-    return connection, status
-
-
-def run_config_for(request: RunRequest, expected_clients: int) -> RunConfig:
-    overrides = dict(request.overrides)
-    if request.rounds is not None:
-        overrides["num-server-rounds"] = request.rounds
-    overrides.setdefault("num-clients", expected_clients)
-    overrides["run-dir"] = str(request.out.resolve())
-    try:
-        return RunConfig.from_mapping(overrides, source="--set")
-    except RunConfigError as error:
-        raise CoordinatorError(str(error)) from None
-
-
-def wait_for_clients(
-    connection: ControlConnection,
-    expected: int,
-    timeout: float,
-    on_wait: Callable[[int, int], None] | None = None,
-) -> int:
-    """Block until `expected` registered SuperNodes are online; returns how many are."""
-    deadline = time.monotonic() + timeout
-    while True:
-        online = sum(node.get("status") == "online" for node in flwr_control.list_nodes(connection))
-        if online >= expected:
-            return online
-        if on_wait:
-            on_wait(online, expected)
-        if time.monotonic() > deadline:
-            raise CoordinatorError(
-                f"only {online} of {expected} clients online after {timeout:.0f}s; start the "
-                "missing ones with `confide join`, or pass --clients N to train with fewer"
-            )
-        time.sleep(POLL_SECONDS)
-
-
-def submit_run(
-    request: RunRequest, on_wait: Callable[[int, int], None] | None = None
-) -> SubmittedRun:
-    """Validate the settings, wait for the clients, then start the run; returns its handle."""
-    connection, status = connect(request.state)
-    registered: dict[str, Any] = {}
-    if status.get("certs"):
-        try:
-            keys = client_public_keys(Path(status["certs"]))
-            registered = register_clients(connection, keys, StateLayout(request.state).registered)
-        except (CertificateError, ControlError) as error:
-            raise CoordinatorError(str(error)) from None
-    elif request.clients is None:
-        raise CoordinatorError(
-            "--clients N is required with an --insecure coordinator (it has no invited keys to "
-            "count)"
-        )
-    expected = request.clients if request.clients is not None else len(registered)
-    if expected < 1:
-        raise CoordinatorError(f"--clients {expected}: use a number >= 1")
-    config = run_config_for(request, expected)
-    run_dir = Path(config.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics.json").unlink(missing_ok=True)
-    try:
-        wait_for_clients(connection, expected, request.wait_timeout, on_wait)
-        overrides = {k: v for k, v in config.to_mapping().items() if k in _changed(config)}
-        run_id = flwr_control.start_run(connection, PROJECT_ROOT, overrides)
-    except ControlError as error:
-        raise CoordinatorError(str(error)) from None
-    return SubmittedRun(run_id, run_dir, config, connection, expected)
-
-
-def _changed(config: RunConfig) -> set[str]:
-    """Only what differs from the app's defaults travels as an override (a short, clear record)."""
-    defaults = RunConfig.from_mapping({}).to_mapping()
-    return {key for key, value in config.to_mapping().items() if defaults.get(key) != value}
-
-
-def wait_for_run(submitted: SubmittedRun, timeout: float) -> dict[str, Any]:
-    """Follow the run until Flower reports it finished; returns metrics.json or raises."""
-    deadline = time.monotonic() + timeout
-    last_check = 0.0
-    try:
-        while True:
-            now = time.monotonic()
-            if now - last_check >= RUN_STATUS_EVERY_SECONDS or _metrics_final(submitted.run_dir):
-                last_check = now
-                run = flwr_control.get_run(submitted.connection, submitted.run_id)
-                if str(run.get("status", "")).startswith("finished"):
-                    return _finished(submitted, run)
-            if now > deadline:
-                with contextlib.suppress(ControlError):
-                    flwr_control.stop_run(submitted.connection, submitted.run_id)
-                raise CoordinatorError(
-                    f"run {submitted.run_id} did not finish within {timeout:.0f}s and was "
-                    f"stopped; see {submitted.run_dir / 'metrics.json'}"
-                )
-            time.sleep(POLL_SECONDS)
-    except KeyboardInterrupt:
-        with contextlib.suppress(ControlError):
-            flwr_control.stop_run(submitted.connection, submitted.run_id)
-        raise
-    except ControlError as error:
-        raise CoordinatorError(str(error)) from None
-
-
-def _metrics_final(run_dir: Path) -> bool:
-    metrics = _read_metrics(run_dir)
-    return bool(metrics) and metrics.get("status") in ("completed", "failed")
-
-
-def _read_metrics(run_dir: Path) -> dict[str, Any] | None:
-    try:
-        return dict(json.loads((run_dir / "metrics.json").read_text()))
-    except (OSError, ValueError):
-        return None
-
-
-def _finished(submitted: SubmittedRun, run: Mapping[str, Any]) -> dict[str, Any]:
-    metrics = _read_metrics(submitted.run_dir)
-    status = str(run.get("status"))
-    if status == "finished:completed" and metrics and metrics.get("status") == "completed":
-        return metrics
-    reason = (metrics or {}).get("error") or run.get("status-details") or status
-    raise CoordinatorError(
-        f"run {submitted.run_id} {status.removeprefix('finished:')}: {reason}; see "
-        f"{submitted.run_dir / 'metrics.json'} and the coordinator's logs"
-    )
-
-
-def network_bytes(submitted: SubmittedRun) -> dict[str, int]:
-    """Flower's own byte counters for the run (message payloads, not TLS framing)."""
-    traffic = flwr_control.get_run(submitted.connection, submitted.run_id).get(
-        "network-traffic", {}
-    )
-    return {key: int(value) for key, value in traffic.items()}

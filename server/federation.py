@@ -17,6 +17,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from server.update_validation import UpdatePolicy, screen_update
+
 log = logging.getLogger(__name__)
 
 
@@ -32,6 +34,7 @@ class RoundRecord:
     seconds: float
     clients: list[dict[str, Any]]
     failures: list[dict[str, Any]] = field(default_factory=list)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
     central: dict[str, float] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
@@ -42,6 +45,8 @@ class RoundRecord:
             "seconds": self.seconds,
             "failed": len(self.failures),
             "failures": self.failures,
+            "rejected": len(self.rejected),
+            "rejections": self.rejected,
             "clients": self.clients,
         }
         epsilons = [client["epsilon"] for client in self.clients if "epsilon" in client]
@@ -123,22 +128,40 @@ def evaluate_round(
     )
 
 
+def screen_updates(
+    replies: list[Message], arrays: ArrayRecord, policy: UpdatePolicy
+) -> tuple[list[Message], list[dict[str, Any]]]:
+    accepted, rejected = [], []
+    for reply in replies:
+        reason = screen_update(reply, arrays, policy)
+        if reason is None:
+            accepted.append(reply)
+        else:
+            node = reply.metadata.src_node_id
+            log.warning("rejected the update of node %s (%s): %s", node, client_name(reply), reason)
+            rejected.append({"id": node, "name": client_name(reply), "reason": reason})
+    return accepted, rejected
+
+
 def run_round(
     grid: Grid,
     strategy: Strategy,
     arrays: ArrayRecord,
     server_round: int,
     timeout: float,
+    policy: UpdatePolicy,
     central_evaluation: CentralEvaluation | None = None,
 ) -> tuple[ArrayRecord, RoundRecord]:
     started = time.perf_counter()
     train_messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
-    trained, failures = split_replies(grid.send_and_receive(train_messages, timeout=timeout))
+    replied, failures = split_replies(grid.send_and_receive(train_messages, timeout=timeout))
+    trained, rejected = screen_updates(replied, arrays, policy)
     if not trained:
-        reasons = "; ".join(f"node {f['id']}: {f['reason']}" for f in failures[:3])
+        problems = failures + rejected
+        reasons = "; ".join(f"node {f['id']}: {f['reason']}" for f in problems[:3])
         raise FederationError(
-            f"round {server_round}: no client returned an update "
-            f"({len(failures)} failed{': ' + reasons if reasons else ', none replied in time'})"
+            f"round {server_round}: no client returned a usable update "
+            f"({len(problems)} failed or rejected{': ' + reasons if reasons else ', none replied in time'})"
         )
     new_arrays, _ = strategy.aggregate_train(server_round, trained)
     if new_arrays is None:
@@ -146,6 +169,7 @@ def run_round(
     train_metrics = {reply.metadata.src_node_id: _metrics(reply) for reply in trained}
     record = evaluate_round(grid, strategy, new_arrays, server_round, timeout, train_metrics)
     record.failures = [{**f, "stage": "train"} for f in failures] + record.failures
+    record.rejected = rejected
     if central_evaluation:
         record.central = central_evaluation(new_arrays)
     record.seconds = time.perf_counter() - started
@@ -158,22 +182,24 @@ def run_federation(
     arrays: ArrayRecord,
     num_rounds: int,
     timeout: float,
+    policy: UpdatePolicy,
     on_round: RoundCallback,
     central_evaluation: CentralEvaluation | None = None,
     first_round: int = 1,
 ) -> ArrayRecord:
     for server_round in range(first_round, num_rounds + 1):
         arrays, record = run_round(
-            grid, strategy, arrays, server_round, timeout, central_evaluation
+            grid, strategy, arrays, server_round, timeout, policy, central_evaluation
         )
         log.info(
-            "round %d/%d: accuracy %.4f, loss %.4f, %d clients, %d failed, %.1fs",
+            "round %d/%d: accuracy %.4f, loss %.4f, %d clients, %d failed, %d rejected, %.1fs",
             server_round,
             num_rounds,
             record.accuracy,
             record.loss,
             len(record.clients),
             len(record.failures),
+            len(record.rejected),
             record.seconds,
         )
         on_round(record, arrays)

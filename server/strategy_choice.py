@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import math
 
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+from flwr.serverapp.strategy import (
+    Bulyan,
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    Krum,
+    MultiKrum,
+    Strategy,
+)
 
 from common.run_config import RunConfig
 
@@ -23,4 +33,17 @@ def build_strategy(config: RunConfig) -> Strategy:
         return FedProx(proximal_mu=config.proximal_mu, **sampling)
     if config.strategy == "fedadam":
         return FedAdam(eta=config.server_learning_rate, eta_l=config.learning_rate, **sampling)
+    if config.strategy == "fedmedian":
+        return FedMedian(**sampling)
+    if config.strategy == "fedtrimmedavg":
+        return FedTrimmedAvg(beta=config.trim_beta, **sampling)
+    if config.strategy == "krum":
+        return Krum(num_malicious_nodes=config.num_malicious, **sampling)
+    if config.strategy == "multikrum":
+        selected = max(1, config.num_clients - config.num_malicious)
+        return MultiKrum(
+            num_malicious_nodes=config.num_malicious, num_nodes_to_select=selected, **sampling
+        )
+    if config.strategy == "bulyan":
+        return Bulyan(num_malicious_nodes=config.num_malicious, **sampling)
     return FedAvg(**sampling)

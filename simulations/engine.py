@@ -72,6 +72,7 @@ def run_in_simulation(config: RunConfig, resources: Resources, verbose: bool = F
             "num_cpus": os.cpu_count() or 1,
             "logging_level": "INFO" if verbose else "ERROR",
             "log_to_driver": verbose,
+            "include_dashboard": False,  # a web UI nobody asked for, and a port opened
         },
     }
     if not verbose:

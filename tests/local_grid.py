@@ -23,7 +23,7 @@ class LocalGrid(Grid):
         client_app: ClientApp,
         run_config: dict,
         node_configs: dict[int, dict],
-        tamper: Callable[[int, Message], Message] | None = None,
+        tamper: Callable[[int, Message, Message], Message] | None = None,
     ) -> None:
         TaskIdentity.run_id = RUN_ID
         TaskIdentity.task_id = 1
@@ -56,7 +56,7 @@ class LocalGrid(Grid):
                     Error(code=1, reason=f"{type(error).__name__}: {error}"), reply_to=message
                 )
             reply.metadata.__dict__["_src_node_id"] = node
-            replies.append(self.tamper(node, reply) if self.tamper else reply)
+            replies.append(self.tamper(node, message, reply) if self.tamper else reply)
         return replies
 
     # The round loop never calls these; a SuperLink would.

@@ -14,6 +14,7 @@ from common.privacy import epsilon_of
 from common.privacy_ledger import PrivacyLedger
 from common.run_config import RunConfig
 from common.tasks import task_schema
+from server.app import update_policy
 from server.federation import FederationError, run_round
 from server.strategy_choice import build_strategy
 from tests.local_grid import LocalGrid
@@ -44,7 +45,9 @@ def run_rounds(config: RunConfig, nodes: dict[int, dict], rounds: int):
     arrays = ArrayRecord(build_model(task_schema(config), config).state_dict())
     records = []
     for server_round in range(1, rounds + 1):
-        arrays, record = run_round(grid, strategy, arrays, server_round, timeout=60)
+        arrays, record = run_round(
+            grid, strategy, arrays, server_round, timeout=60, policy=update_policy(config)
+        )
         records.append(record)
     return records
 
@@ -106,7 +109,9 @@ def test_a_tampered_ledger_means_no_training_and_no_reset(tmp_path):
     grid_config = dp_config(tmp_path)
     grid = LocalGrid(client_app, grid_config.to_mapping(), hospitals())
     arrays = ArrayRecord(build_model(task_schema(config), config).state_dict())
-    _, record = run_round(grid, build_strategy(config), arrays, 2, timeout=60)
+    _, record = run_round(
+        grid, build_strategy(config), arrays, 2, timeout=60, policy=update_policy(config)
+    )
     (failure,) = [f for f in record.failures if f["stage"] == "train"]
     assert failure["reason"].startswith("hungary:") and "refusing to train" in failure["reason"]
     assert ledger_file.read_text() == tampered  # never reset

@@ -13,6 +13,7 @@ from client.app import app as client_app
 from common.model_factory import build_model
 from common.run_config import RunConfig
 from common.tasks import task_schema
+from server.app import update_policy
 from server.federation import FederationError, evaluate_round, run_federation, run_round
 from server.run_record import RunRecorder
 from server.strategy_choice import build_strategy
@@ -36,7 +37,9 @@ def test_training_rounds_beat_the_initial_model():
     arrays = initial_arrays(config)
     before = evaluate_round(grid, strategy, arrays, 0, timeout=30)
     for server_round in (1, 2, 3):
-        arrays, record = run_round(grid, strategy, arrays, server_round, timeout=30)
+        arrays, record = run_round(
+            grid, strategy, arrays, server_round, timeout=30, policy=update_policy(config)
+        )
     assert record.accuracy > before.accuracy + 0.05
     assert {client["name"] for client in record.clients} == {
         "cleveland",
@@ -51,7 +54,9 @@ def test_a_failing_client_is_counted_and_the_round_goes_on():
     nodes = {**HOSPITALS, 99: {}}  # node 99 has neither a data file nor a partition
     grid = LocalGrid(client_app, config.to_mapping(), nodes)
     strategy = build_strategy(config)
-    _, record = run_round(grid, strategy, initial_arrays(config), 1, timeout=30)
+    _, record = run_round(
+        grid, strategy, initial_arrays(config), 1, timeout=30, policy=update_policy(config)
+    )
     assert len(record.clients) == 4
     assert {(f["id"], f["stage"]) for f in record.failures} == {(99, "train"), (99, "evaluate")}
     assert "data-path" in record.failures[0]["reason"]
@@ -60,8 +65,15 @@ def test_a_failing_client_is_counted_and_the_round_goes_on():
 def test_a_round_where_every_client_fails_stops_the_run_loudly():
     config = heart_config(**{"num-clients": 2})
     grid = LocalGrid(client_app, config.to_mapping(), {1: {}, 2: {}})
-    with pytest.raises(FederationError, match="round 1: no client returned an update"):
-        run_round(grid, build_strategy(config), initial_arrays(config), 1, timeout=30)
+    with pytest.raises(FederationError, match="round 1: no client returned a usable update"):
+        run_round(
+            grid,
+            build_strategy(config),
+            initial_arrays(config),
+            1,
+            timeout=30,
+            policy=update_policy(config),
+        )
 
 
 @pytest.mark.parametrize("strategy", ["fedprox", "fedadam"])
@@ -69,7 +81,9 @@ def test_each_strategy_changes_the_global_model(strategy):
     config = heart_config(strategy=strategy)
     grid = LocalGrid(client_app, config.to_mapping(), HOSPITALS)
     arrays = initial_arrays(config)
-    new_arrays, _ = run_round(grid, build_strategy(config), arrays, 1, timeout=30)
+    new_arrays, _ = run_round(
+        grid, build_strategy(config), arrays, 1, timeout=30, policy=update_policy(config)
+    )
     before, after = arrays.to_torch_state_dict(), new_arrays.to_torch_state_dict()
     assert any(not before[key].equal(after[key]) for key in before)
 
@@ -81,7 +95,9 @@ def test_the_run_directory_records_every_round(tmp_path):
     arrays = initial_arrays(config)
     recorder = RunRecorder(tmp_path, config)
     recorder.initial(evaluate_round(grid, strategy, arrays, 0, timeout=30))
-    run_federation(grid, strategy, arrays, 2, timeout=30, on_round=recorder.round_finished)
+    run_federation(
+        grid, strategy, arrays, 2, 30, update_policy(config), on_round=recorder.round_finished
+    )
     recorder.finish()
 
     metrics = json.loads((tmp_path / "metrics.json").read_text())

@@ -1,0 +1,77 @@
+"""Check every client update before it reaches the aggregate.
+
+One NaN, one wrong shape or one update a hundred times too large poisons a plain average; a
+coordinator that trusts replies blindly lets a single broken or hostile node wreck everyone's model.
+Each check names its reason so the operator can see which node sent what.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message
+
+
+@dataclass(frozen=True)
+class UpdatePolicy:
+    max_update_norm: float  # L2 norm of (client weights - global weights); 0 disables the check
+    norm_action: str  # "reject" the update, or "clip" it to the bound
+    max_num_examples: int  # a larger claim would buy one node an outsized weight in the average
+
+
+def _arrays(reply: Message) -> ArrayRecord:
+    return next(iter(reply.content.array_records.values()))
+
+
+def _num_examples(reply: Message) -> object:
+    metrics = next(iter(reply.content.metric_records.values()), None)
+    return None if metrics is None else metrics.get("num-examples")
+
+
+def screen_update(reply: Message, global_arrays: ArrayRecord, policy: UpdatePolicy) -> str | None:
+    """None when the update may be aggregated (clipping it in place if needed), else the reason."""
+    if len(reply.content.array_records) != 1 or len(reply.content.metric_records) != 1:
+        return "expected one ArrayRecord and one MetricRecord"
+    count = _num_examples(reply)
+    if isinstance(count, bool) or not isinstance(count, int | float) or not math.isfinite(count):
+        return f"num-examples is {count!r}, not a number"
+    if not 0 < count <= policy.max_num_examples or count != int(count):
+        return f"num-examples {count!r} is not a whole number in 1..{policy.max_num_examples}"
+
+    update = _arrays(reply)
+    if set(update) != set(global_arrays):
+        missing = sorted(set(global_arrays) - set(update))[:3]
+        extra = sorted(set(update) - set(global_arrays))[:3]
+        return f"parameter names differ from the global model (missing {missing}, extra {extra})"
+    deltas = {}
+    for name, expected in global_arrays.items():
+        received = update[name]
+        if tuple(received.shape) != tuple(expected.shape) or received.dtype != expected.dtype:
+            return (
+                f"'{name}' is {received.dtype}{list(received.shape)}, "
+                f"expected {expected.dtype}{list(expected.shape)}"
+            )
+        values = received.numpy()
+        if not np.all(np.isfinite(values)):
+            return f"'{name}' holds NaN or infinite values"
+        deltas[name] = values.astype(np.float64) - expected.numpy().astype(np.float64)
+
+    if policy.max_update_norm <= 0:
+        return None
+    norm = math.sqrt(sum(float(np.sum(delta * delta)) for delta in deltas.values()))
+    if norm <= policy.max_update_norm:
+        return None
+    if policy.norm_action == "reject":
+        return f"update norm {norm:.3g} exceeds the bound {policy.max_update_norm:g}"
+    scale = policy.max_update_norm / norm
+    clipped = {
+        name: Array(
+            (global_arrays[name].numpy() + delta * scale).astype(global_arrays[name].numpy().dtype)
+        )
+        for name, delta in deltas.items()
+    }
+    key = next(iter(reply.content.array_records))
+    reply.content[key] = ArrayRecord(clipped)
+    return None
