@@ -32,6 +32,7 @@ from common.run_config import RunConfig
 from common.tasks import task_schema
 
 EVALUATION_BATCH_SIZE = 256
+CLIENT_WEIGHT = "client-weight"  # uniform weight, for coordinators that average clients equally
 REFUSED = 403  # error code of a reply that declines to train (privacy budget, broken ledger)
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,9 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict(
         {
             "arrays": ArrayRecord(model.state_dict()),
-            "metrics": MetricRecord({"num-examples": len(split.train), **metrics}),
+            "metrics": MetricRecord(
+                {"num-examples": len(split.train), CLIENT_WEIGHT: 1, **metrics}
+            ),
             "client": ConfigRecord({"name": split.name}),
         }
     )
@@ -118,7 +121,12 @@ def evaluate_global_model(msg: Message, context: Context) -> Message:
     model = _received_model(msg, config)
     result = evaluate(model, split.test, EVALUATION_BATCH_SIZE, choose_device())
     metrics = MetricRecord(
-        {"num-examples": result.num_examples, "loss": result.loss, "accuracy": result.accuracy}
+        {
+            "num-examples": result.num_examples,
+            CLIENT_WEIGHT: 1,
+            "loss": result.loss,
+            "accuracy": result.accuracy,
+        }
     )
     content = RecordDict({"metrics": metrics, "client": ConfigRecord({"name": split.name})})
     return Message(content=content, reply_to=msg)

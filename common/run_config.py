@@ -81,6 +81,10 @@ class RunConfig:
     physical_batch_size: int
     dp_optimizer: str
     dp_learning_rate: float
+    client_dp: bool
+    client_dp_noise_multiplier: float
+    client_dp_clipping_norm: float
+    client_dp_max_epsilon: float
     model_width: int
     model_depth: int
     model_heads: int
@@ -135,6 +139,9 @@ class RunConfig:
             ("optimizer", self.optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
             ("dp-optimizer", self.dp_optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
             ("dp-learning-rate", self.dp_learning_rate > 0, "a number > 0"),
+            ("client-dp-noise-multiplier", self.client_dp_noise_multiplier > 0, "a number > 0"),
+            ("client-dp-clipping-norm", self.client_dp_clipping_norm > 0, "a number > 0"),
+            ("client-dp-max-epsilon", self.client_dp_max_epsilon > 0, "a number > 0"),
             ("weight-decay", self.weight_decay >= 0, "a number >= 0"),
             ("proximal-mu", self.proximal_mu >= 0, "a number >= 0"),
             ("server-learning-rate", self.server_learning_rate > 0, "a number > 0"),
@@ -167,6 +174,11 @@ class RunConfig:
                 f"{source}: strategy 'fedprox' with dp = true: Opacus clips per-sample gradients "
                 "of the data loss only, so the proximal term would be silently dropped; use "
                 "fedavg or fedadam with DP"
+            )
+        if self.client_dp and self.strategy != "fedavg":
+            raise RunConfigError(
+                f"{source}: client-dp = true needs strategy 'fedavg' (Flower's accountant for "
+                f"fixed clipping assumes a plain uniform average), not '{self.strategy}'"
             )
         if self.dp:
             self.privacy_budget()  # an impossible budget fails here, naming the setting

@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -226,9 +227,10 @@ def _loopback_identity(state: StateLayout) -> CertsLayout:
 
 def _superlink_argv(tls: CertsLayout, database: Path, port: int, auth: bool) -> list[str]:
     """Loopback only, TLS even there; SuperNode authentication unless a plaintext experiment
-    (Flower cannot authenticate SuperNodes without TLS on their side)."""
+    (Flower cannot authenticate SuperNodes without TLS on their side). `flower-superlink` itself,
+    run through `server.superlink_launcher` for a longer SQLite lock wait."""
     argv = [
-        str(find_executable("flower-superlink", FLOWER_HINT)),
+        sys.executable, "-m", "server.superlink_launcher",
         "--ssl-certfile", str(tls.server_cert),
         "--ssl-keyfile", str(tls.server_key),
         "--ssl-ca-certfile", str(tls.ca_cert),

@@ -36,6 +36,7 @@ class RoundRecord:
     failures: list[dict[str, Any]] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
     central: dict[str, float] = field(default_factory=dict)
+    client_level: dict[str, float] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         document = {
@@ -54,6 +55,8 @@ class RoundRecord:
             document["epsilon_max"] = max(epsilons)
         if self.central:
             document["central"] = self.central
+        if self.client_level:
+            document["client_level_privacy"] = self.client_level
         return document
 
 
@@ -172,6 +175,9 @@ def run_round(
     record.rejected = rejected
     if central_evaluation:
         record.central = central_evaluation(new_arrays)
+    spent = strategy.privacy_spent() if hasattr(strategy, "privacy_spent") else None
+    if spent is not None:  # client-level DP at the coordinator
+        record.client_level = {"epsilon": spent.epsilon, "delta": spent.delta}
     record.seconds = time.perf_counter() - started
     return new_arrays, record
 

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import math
 
+from flwr.serverapp import (
+    NeighboringRelation,
+    PrivacyConfig,
+    RdpAccountant,
+    SamplingMethod,
+)
 from flwr.serverapp.strategy import (
     Bulyan,
+    DifferentialPrivacyServerSideFixedClipping,
     FedAdam,
     FedAvg,
     FedMedian,
@@ -17,6 +24,8 @@ from flwr.serverapp.strategy import (
 )
 
 from common.run_config import RunConfig
+
+UNIFORM_WEIGHT = "client-weight"  # every reply carries it as 1
 
 
 def build_strategy(config: RunConfig) -> Strategy:
@@ -46,4 +55,30 @@ def build_strategy(config: RunConfig) -> Strategy:
         )
     if config.strategy == "bulyan":
         return Bulyan(num_malicious_nodes=config.num_malicious, **sampling)
+    if config.client_dp:
+        return client_level_dp(config, sampling)
     return FedAvg(**sampling)
+
+
+def client_level_dp(config: RunConfig, sampling: dict) -> Strategy:
+    """Clip each client's whole update, add Gaussian noise to the average, account with RDP.
+
+    Every sampled client counts equally (`client-weight` = 1 in each reply): the accountant's
+    sensitivity bound holds only for a uniform average, not one weighted by claimed examples.
+    """
+    accountant = RdpAccountant(
+        PrivacyConfig(
+            target_delta=config.target_delta,
+            population_size=config.num_clients,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION,
+            max_epsilon=config.client_dp_max_epsilon,
+        )
+    )
+    return DifferentialPrivacyServerSideFixedClipping(
+        FedAvg(weighted_by_key=UNIFORM_WEIGHT, **sampling),
+        noise_multiplier=config.client_dp_noise_multiplier,
+        clipping_norm=config.client_dp_clipping_norm,
+        num_sampled_clients=sampling["min_train_nodes"],
+        accountant=accountant,
+    )
