@@ -91,6 +91,7 @@ class RunConfig:
     max_length: int
     vocab_size: int
     run_dir: str
+    resume: bool
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Annotated, Any
@@ -73,6 +74,9 @@ def simulate(
     partition: Annotated[
         str | None, typer.Option(help="iid | dirichlet:ALPHA | column:NAME")
     ] = None,
+    resume: Annotated[
+        Path | None, typer.Option(help="Continue this run directory after its last round")
+    ] = None,
     quiet: Annotated[bool, typer.Option(help="No live display (CI)")] = False,
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs")] = False,
 ) -> None:
@@ -98,10 +102,12 @@ def simulate(
             )
         if partition is not None:
             overrides.update(partition_overrides(partition))
-        run_dir = (
-            out
-            or Path("runs") / (data.stem if data else scenario.split("/")[-1].removesuffix(".toml"))
-        ).resolve()
+        if resume is not None:  # the settings the run started with, then today's overrides
+            run_dir = resume.resolve()
+            overrides = {**resumable_config(run_dir), **overrides, "resume": True}
+        else:
+            default_name = data.stem if data else Path(scenario).stem
+            run_dir = (out or Path("runs") / default_name).resolve()
         overrides["run-dir"] = str(run_dir)
         plan = load_scenario(scenario, overrides)
         load_task(plan.config)  # data problems surface here, before any process starts
@@ -114,7 +120,8 @@ def simulate(
         f"{len(names)} clients, {plan.config.num_server_rounds} rounds, "
         f"strategy {plan.config.strategy} -> {run_dir}"
     )
-    (run_dir / "metrics.json").unlink(missing_ok=True)
+    if resume is None:
+        (run_dir / "metrics.json").unlink(missing_ok=True)
     try:
         if quiet:
             run_in_simulation(plan.config, plan.resources, verbose)
@@ -129,6 +136,18 @@ def simulate(
         raise fail(f"simulation ended without a completed run; see {run_dir / 'metrics.json'}")
     console.print(summary_table(metrics))
     console.print(f"run directory: {run_dir}")
+
+
+def resumable_config(run_dir: Path) -> dict[str, Any]:
+    """The settings a run was started with, from its metrics.json."""
+    path = run_dir / "metrics.json"
+    try:
+        document = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError) as error:
+        raise RunConfigError(f"--resume {run_dir}: cannot read {path} ({error})") from None
+    if not document.get("rounds"):
+        raise RunConfigError(f"--resume {run_dir}: no complete round yet; start the run afresh")
+    return dict(document["config"])
 
 
 @schema_app.command("infer")

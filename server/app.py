@@ -21,6 +21,7 @@ from common.tasks import load_central_test, task_schema
 from server.federation import CentralEvaluation, evaluate_round, run_federation
 from server.run_record import RunRecorder
 from server.strategy_choice import build_strategy
+from server.strategy_state import restore_strategy_state
 from server.update_validation import UpdatePolicy
 
 log = logging.getLogger(__name__)
@@ -51,8 +52,15 @@ def main(grid: Grid, context: Context) -> None:
     strategy = build_strategy(config)
     test_set = load_central_test(config)
     recorder = RunRecorder(Path(config.run_dir), config)
+    first_round = 1
+    if config.resume:  # before `try`: a run directory that cannot resume is left as it is
+        point = recorder.resume()
+        arrays, first_round = point.arrays, point.last_round + 1
+        restore_strategy_state(strategy, point.strategy_state)
+        log.info("resuming %s after round %d", config.run_dir, point.last_round)
     try:
-        recorder.initial(evaluate_round(grid, strategy, arrays, 0, config.round_timeout))
+        if not config.resume:
+            recorder.initial(evaluate_round(grid, strategy, arrays, 0, config.round_timeout))
         run_federation(
             grid,
             strategy,
@@ -62,6 +70,7 @@ def main(grid: Grid, context: Context) -> None:
             policy=update_policy(config),
             on_round=recorder.round_finished,
             central_evaluation=central_evaluation(config, test_set) if test_set else None,
+            first_round=first_round,
         )
     except Exception as error:
         recorder.finish(error=str(error))

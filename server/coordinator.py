@@ -350,7 +350,12 @@ def register_clients(
     except (OSError, ValueError):
         record = {}
     for name, public_key in keys.items():
-        fingerprint = public_key.read_text().split()[1]
+        parts = public_key.read_text(errors="replace").split()
+        if len(parts) < 2:
+            raise CoordinatorError(
+                f"{public_key}: not an OpenSSH public key line; restore it or re-invite {name}"
+            )
+        fingerprint = parts[1]
         if record.get(name, {}).get("public_key") == fingerprint:
             continue
         node_id = flwr_control.register_node(connection, public_key, name)

@@ -13,10 +13,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from server.strategy_state import strategy_state
 from server.update_validation import UpdatePolicy, screen_update
 
 log = logging.getLogger(__name__)
@@ -61,7 +63,7 @@ class RoundRecord:
 
 
 CentralEvaluation = Callable[[ArrayRecord], dict[str, float]]
-RoundCallback = Callable[[RoundRecord, ArrayRecord], None]
+RoundCallback = Callable[[RoundRecord, ArrayRecord, dict[str, np.ndarray]], None]
 
 
 def client_name(reply: Message) -> str:
@@ -131,6 +133,17 @@ def evaluate_round(
     )
 
 
+def same_dtypes(aggregated: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
+    """Some strategies (FedAdam) compute in float64; the global model keeps its own dtypes, or
+    every float32 update of the next round would look malformed."""
+    return ArrayRecord(
+        {
+            name: Array(aggregated[name].numpy().astype(reference[name].dtype, copy=False))
+            for name in reference
+        }
+    )
+
+
 def screen_updates(
     replies: list[Message], arrays: ArrayRecord, policy: UpdatePolicy
 ) -> tuple[list[Message], list[dict[str, Any]]]:
@@ -169,6 +182,7 @@ def run_round(
     new_arrays, _ = strategy.aggregate_train(server_round, trained)
     if new_arrays is None:
         raise FederationError(f"round {server_round}: the strategy could not aggregate the updates")
+    new_arrays = same_dtypes(new_arrays, arrays)
     train_metrics = {reply.metadata.src_node_id: _metrics(reply) for reply in trained}
     record = evaluate_round(grid, strategy, new_arrays, server_round, timeout, train_metrics)
     record.failures = [{**f, "stage": "train"} for f in failures] + record.failures
@@ -208,5 +222,5 @@ def run_federation(
             len(record.rejected),
             record.seconds,
         )
-        on_round(record, arrays)
+        on_round(record, arrays, strategy_state(strategy))
     return arrays

@@ -5,19 +5,41 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord
+from safetensors.numpy import load_file as load_numpy
+from safetensors.numpy import save_file as save_numpy
 
-from common.checkpoint import save_weights, write_atomically, write_json_atomically
+from common.checkpoint import (
+    atomic_output,
+    load_weights,
+    save_weights,
+    write_atomically,
+    write_json_atomically,
+)
 from common.run_config import RunConfig
 from server.federation import RoundRecord
 from server.report import plot_rounds
 
 CSV_COLUMNS = ("round", "accuracy", "loss", "central_accuracy", "clients", "failed", "seconds")
+
+
+class ResumeError(RuntimeError):
+    """A run directory that cannot be continued; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    last_round: int
+    arrays: ArrayRecord
+    strategy_state: dict[str, np.ndarray]
 
 
 class RunRecorder:
@@ -33,13 +55,46 @@ class RunRecorder:
             "rounds": [],
         }
 
+    def resume(self) -> ResumePoint:
+        """Continue after the last complete round: its checkpoint, strategy state and metrics.
+
+        A round counts as complete once its checkpoint and metrics are both on disk; metrics are
+        written last, so whatever they list has a checkpoint.
+        """
+        path = self.run_dir / "metrics.json"
+        try:
+            previous = json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError) as error:
+            raise ResumeError(
+                f"{path}: cannot resume ({error}); is this a run directory?"
+            ) from None
+        rounds = previous.get("rounds", [])
+        if not rounds:
+            raise ResumeError(f"{path}: no complete round to resume from; start the run afresh")
+        last = rounds[-1]["round"]
+        checkpoint = self.run_dir / "checkpoints" / f"round-{last:03d}.safetensors"
+        if not checkpoint.is_file():
+            raise ResumeError(f"{checkpoint}: missing; the run directory is incomplete")
+        self.document = {**previous, "status": "running", "config": self.config.to_mapping()}
+        self.document.setdefault("resumed_after_rounds", []).append(last)
+        state_file = self.run_dir / "checkpoints" / f"strategy-{last:03d}.safetensors"
+        state = load_numpy(state_file) if state_file.is_file() else {}
+        return ResumePoint(last, ArrayRecord(load_weights(checkpoint)), state)
+
     def initial(self, record: RoundRecord) -> None:
         self.document["initial"] = {"accuracy": record.accuracy, "loss": record.loss}
         self._write_metrics()
 
-    def round_finished(self, record: RoundRecord, arrays: ArrayRecord) -> None:
+    def round_finished(
+        self, record: RoundRecord, arrays: ArrayRecord, strategy_state: dict[str, np.ndarray]
+    ) -> None:
         state = arrays.to_torch_state_dict()
         metadata = {"task": self.config.task, "round": str(record.round)}
+        if strategy_state:
+            with atomic_output(
+                self.run_dir / "checkpoints" / f"strategy-{record.round:03d}.safetensors"
+            ) as temporary:
+                save_numpy(strategy_state, str(temporary))
         save_weights(
             state, self.run_dir / "checkpoints" / f"round-{record.round:03d}.safetensors", metadata
         )

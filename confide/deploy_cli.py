@@ -1,0 +1,368 @@
+"""Deployment commands: `confide certs`, `confide coordinator` and `confide join`.
+
+Registered in `confide/cli.py`. Like the rest of the CLI, each command checks its inputs, hands
+over to a layer (common.certificates, server.coordinator, client.join), and reports a problem as
+one red line naming the file or option and the fix, exit code 2, with nothing left running.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from common.certificates import CertificateError, CertsLayout, add_client, describe, init_certs
+from common.partition import PartitionError
+from common.processes import ProcessError, is_loopback, stop_on_signals
+from common.run_config import RunConfigError, parse_override
+from common.schema import SchemaError
+from common.site_data import DataFileError
+
+# emoji=False: a fingerprint's ":CD:" must not turn into a picture of a CD.
+console = Console(emoji=False)
+err_console = Console(stderr=True, emoji=False)
+EXPIRY_WARNING_DAYS = 30
+
+certs_app = typer.Typer(
+    no_args_is_help=True,
+    help="Make and inspect a federation's CA, coordinator certificate and keys.",
+)
+coordinator_app = typer.Typer(
+    no_args_is_help=True, help="Run the federation's coordinator (Flower SuperLink behind nginx)."
+)
+
+
+def fail(message: str) -> typer.Exit:
+    """One line on stderr and exit code 2 (same contract as `confide simulate`)."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=2)
+
+
+def warn(message: str) -> None:
+    err_console.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
+def _split(values: list[str]) -> list[str]:
+    """`--host a,b --host c` and `--clients x,y` as one list."""
+    return [item.strip() for value in values for item in value.split(",") if item.strip()]
+
+
+# ------------------------------------------------------------------------------------ certs
+
+
+@certs_app.command("init")
+def certs_init(
+    out: Annotated[Path, typer.Option(help="New directory for the CA, certificate and keys")],
+    host: Annotated[
+        list[str], typer.Option(help="Names/IPs clients dial, comma-separated (become SANs)")
+    ],
+    clients: Annotated[list[str], typer.Option(help="Client names, e.g. hospital-1,bank-1")],
+    valid_days: Annotated[int, typer.Option(help="Validity of the CA and certificate")] = 365,
+) -> None:
+    """Create the CA, the coordinator's TLS certificate and one key pair per client."""
+    try:
+        layout = init_certs(out, _split(host), _split(clients), valid_days)
+    except CertificateError as error:
+        raise fail(str(error)) from None
+    console.print(f"created {layout.root} (valid {valid_days} days):")
+    console.print(_files_table(layout, _split(clients)))
+    console.print(
+        "next: copy ca.crt, server.crt and server.key to the coordinator machine; send each "
+        "client its clients/NAME.key and ca.crt over a secure channel; keep ca.key offline."
+    )
+
+
+def _files_table(layout: CertsLayout, clients: list[str]) -> Table:
+    table = Table(show_header=True)
+    table.add_column("file", overflow="fold")
+    table.add_column("what")
+    table.add_column("who may see it")
+    table.add_row(str(layout.ca_cert), "CA certificate", "everyone (public)")
+    table.add_row(str(layout.ca_key), "CA private key", "[red]the operator only, offline[/]")
+    table.add_row(str(layout.server_cert), "coordinator TLS certificate", "everyone (public)")
+    table.add_row(str(layout.server_key), "coordinator TLS key", "[red]coordinator machine only[/]")
+    for name in clients:
+        table.add_row(
+            str(layout.client_private_key(name)), f"{name}'s private key", f"[red]{name} only[/]"
+        )
+        table.add_row(str(layout.client_public_key(name)), f"{name}'s public key", "coordinator")
+    table.add_row(str(layout.manifest), "invited clients", "coordinator (public)")
+    return table
+
+
+@certs_app.command("show")
+def certs_show(directory: Annotated[Path, typer.Argument(help="A certificates directory")]) -> None:
+    """Subjects, SANs, fingerprints and expiry; warns within 30 days of expiry."""
+    try:
+        certificates, keys = describe(directory)
+    except CertificateError as error:
+        raise fail(str(error)) from None
+    for info in certificates:
+        console.print(f"[bold]{info.path}[/]", highlight=False)
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(style="dim")
+        grid.add_column(overflow="fold")
+        grid.add_row("subject", info.subject)
+        grid.add_row("issuer", info.issuer)
+        grid.add_row("SANs", ", ".join(info.sans) or "-")
+        grid.add_row("SHA-256", info.sha256_fingerprint)
+        grid.add_row(
+            "expires", f"{info.not_after:%Y-%m-%d %H:%M} UTC (in {info.expires_in_days} days)"
+        )
+        console.print(grid, highlight=False)
+    clients = Table(title="invited clients")
+    for column in ("name", "public key", "fingerprint (ssh-keygen -lf)"):
+        clients.add_column(column, overflow="fold")
+    for key in keys:
+        clients.add_row(key.name, str(key.public_key_path), key.sha256_fingerprint)
+    console.print(clients)
+    for info in certificates:
+        if info.expires_in_days < 0:
+            warn(f"{info.path}: EXPIRED on {info.not_after:%Y-%m-%d}; clients will refuse it")
+        elif info.expires_in_days < EXPIRY_WARNING_DAYS:
+            warn(
+                f"{info.path}: expires in {info.expires_in_days} days ({info.not_after:%Y-%m-%d}); "
+                "plan a new federation directory and re-invite the clients"
+            )
+
+
+@certs_app.command("add-client")
+def certs_add_client(
+    directory: Annotated[Path, typer.Argument(help="The certificates directory")],
+    name: Annotated[str, typer.Argument(help="The new client's name, e.g. hospital-3")],
+) -> None:
+    """Invite one more client: a new key pair, added to the manifest."""
+    try:
+        private_key, public_key = add_client(directory, name)
+    except CertificateError as error:
+        raise fail(str(error)) from None
+    console.print(f"invited {name}: private key {private_key} (send it to {name} only), public "
+                  f"key {public_key}")  # fmt: skip
+    console.print(
+        "the coordinator registers it on its next `confide coordinator start` or "
+        "`confide coordinator run`."
+    )
+
+
+# ------------------------------------------------------------------------------ coordinator
+
+
+@coordinator_app.command("start")
+def coordinator_start(
+    state: Annotated[Path, typer.Option(help="Directory for the coordinator's state and logs")],
+    certs: Annotated[
+        Path | None, typer.Option(help="The certificates directory (confide certs init)")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: all)")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="Port clients dial")] = 9092,
+    insecure: Annotated[
+        bool, typer.Option(help="Plaintext, loopback experiments only (never in production)")
+    ] = False,
+) -> None:
+    """Start the coordinator in the foreground; Ctrl-C or SIGTERM stops everything it started."""
+    from server.coordinator import (
+        CoordinatorError,
+        StartSettings,
+        abort_on_sigterm,
+        serve,
+        start_coordinator,
+    )
+
+    if insecure:
+        certs = None
+        if is_loopback(host):
+            warn("--insecure: clients connect WITHOUT TLS or authentication; experiments only")
+    settings = StartSettings(certs=certs, state=state, host=host, port=port, insecure=insecure)
+    abort_on_sigterm()
+    try:
+        coordinator = start_coordinator(settings)
+    except CoordinatorError as error:
+        raise fail(str(error)) from None
+    except KeyboardInterrupt:
+        raise fail("interrupted while starting; everything started was stopped") from None
+    should_stop = threading.Event()
+    stop_on_signals(should_stop)
+    console.print(
+        f"[bold green]coordinator ready[/]: clients join at {coordinator.public_address} "
+        f"({'PLAINTEXT' if insecure else 'TLS'}, Fleet API only); {len(coordinator.registered)} "
+        f"client key(s) registered; control API on {coordinator.connection.address} "
+        "(this machine only). Ctrl-C to stop."
+    )
+    try:
+        serve(coordinator, should_stop)
+    except CoordinatorError as error:
+        raise fail(str(error)) from None
+    console.print("coordinator stopped")
+
+
+@coordinator_app.command("stop")
+def coordinator_stop(
+    state: Annotated[Path, typer.Option(help="The state directory given to `start`")],
+) -> None:
+    """Stop the coordinator running for STATE (same as Ctrl-C in its terminal)."""
+    from server.coordinator import CoordinatorError, stop_coordinator
+
+    try:
+        pid = stop_coordinator(state)
+    except CoordinatorError as error:
+        raise fail(str(error)) from None
+    console.print(f"stopped coordinator pid {pid}" if pid else f"no coordinator runs for {state}")
+
+
+@coordinator_app.command("status")
+def coordinator_status(
+    state: Annotated[Path, typer.Option(help="The state directory given to `start`")],
+) -> None:
+    """Is the coordinator up, where, and which sites are online."""
+    from server.coordinator import CoordinatorError
+    from server.coordinator_run import online_sites
+
+    try:
+        status, nodes = online_sites(state)
+    except CoordinatorError as error:
+        raise fail(str(error)) from None
+    console.print(
+        f"coordinator pid {status['pid']} since {status['started_at']}: sites join at "
+        f"{status['public_address']} ({'PLAINTEXT' if status.get('insecure') else 'TLS'}); "
+        f"control API {status['control_address']}"
+    )
+    table = Table(title="sites")
+    for column in ("name", "node", "status"):
+        table.add_column(column)
+    for node in nodes:
+        table.add_row(node["name"], node["node"], node["status"])
+    console.print(table)
+
+
+@coordinator_app.command("run")
+def coordinator_run(
+    state: Annotated[Path, typer.Option(help="The state directory of the running coordinator")],
+    out: Annotated[Path, typer.Option(help="Run directory (metrics, model, plots)")],
+    rounds: Annotated[int | None, typer.Option(help="Server rounds")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="KEY=VALUE for any run-config key")
+    ] = None,
+    clients: Annotated[
+        int | None, typer.Option(help="Clients to wait for (default: every invited client)")
+    ] = None,
+    wait_timeout: Annotated[float, typer.Option(help="Seconds to wait for the clients")] = 600,
+    timeout: Annotated[float, typer.Option(help="Seconds the run may take")] = 6 * 3600,
+    quiet: Annotated[bool, typer.Option(help="No live display (CI)")] = False,
+) -> None:
+    """Train on the joined clients and write the run directory, like `confide simulate`."""
+    from server.coordinator import CoordinatorError
+    from server.coordinator_run import RunRequest, submit_run, wait_for_run
+    from simulations.progress import RoundProgress, summary_table
+
+    try:
+        overrides: dict[str, Any] = dict(parse_override(item) for item in set_ or [])
+    except RunConfigError as error:
+        raise fail(str(error)) from None
+    request = RunRequest(
+        state=state, out=out, rounds=rounds, overrides=overrides, clients=clients,
+        wait_timeout=wait_timeout, run_timeout=timeout,
+    )  # fmt: skip
+
+    def waiting(online: int, expected: int) -> None:
+        if not quiet:
+            console.print(f"waiting for clients: {online}/{expected} online", end="\r")
+
+    try:
+        submitted = submit_run(request, on_wait=waiting)
+        console.print(
+            f"run {submitted.run_id}: {submitted.config.task}, {submitted.expected_clients} "
+            f"clients, {submitted.config.num_server_rounds} rounds -> {submitted.run_dir}"
+        )
+        if quiet:
+            metrics = wait_for_run(submitted, timeout)
+        else:
+            with RoundProgress(submitted.run_dir, submitted.config.num_server_rounds, console):
+                metrics = wait_for_run(submitted, timeout)
+    except CoordinatorError as error:
+        raise fail(str(error)) from None
+    except KeyboardInterrupt:
+        raise fail("interrupted; a submitted run was stopped on the coordinator") from None
+    console.print(summary_table(metrics))
+    console.print(f"run directory: {submitted.run_dir}")
+
+
+# ------------------------------------------------------------------------------------- join
+
+
+def join(
+    role: Annotated[str, typer.Option(help="hospital | bank")],
+    data: Annotated[Path, typer.Option(help="Your records (CSV/JSONL); never leaves this machine")],
+    coordinator: Annotated[str, typer.Option(help="HOST:PORT of the coordinator")],
+    ca: Annotated[Path | None, typer.Option(help="The federation's ca.crt")] = None,
+    key: Annotated[Path | None, typer.Option(help="Your clients/NAME.key")] = None,
+    ledger: Annotated[Path | None, typer.Option(help="Your privacy ledger (JSON)")] = None,
+    name: Annotated[str | None, typer.Option(help="Your name in reports (default: key name)")] = (
+        None
+    ),
+    task: Annotated[
+        str | None, typer.Option(help="The federation's task (default: heart/bank by role)")
+    ] = None,
+    schema: Annotated[
+        Path | None, typer.Option(help="Custom task: the federation's schema")
+    ] = None,
+    work_dir: Annotated[
+        Path | None, typer.Option(help="SuperNode's working directory and log")
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option(help="Plaintext, loopback experiments only (never in production)")
+    ] = False,
+) -> None:
+    """Check your data file, then connect to the coordinator and train when it asks."""
+    from client.join import (
+        DEFAULT_TASK,
+        JoinError,
+        JoinSettings,
+        explain_exit,
+        prepare_join,
+        start_supernode,
+        supervise,
+    )
+
+    if insecure and is_loopback(coordinator.rpartition(":")[0].strip("[]")):
+        warn("--insecure: model updates travel WITHOUT TLS; loopback experiments only")
+        if key is not None:
+            warn("--key is ignored with --insecure (Flower authenticates SuperNodes only over TLS)")
+    if insecure:
+        key = None
+    settings = JoinSettings(
+        role=role, data=data, coordinator=coordinator, ca=ca, key=key,
+        name=name or (key.stem if key else role), ledger=ledger, task=task, schema=schema,
+        insecure=insecure, work_dir=work_dir,
+    )  # fmt: skip
+    schema_name = str(schema) if schema else (task or DEFAULT_TASK.get(role, "?"))
+    console.print(f"checking {data} against the federation's schema ({schema_name})")
+    try:
+        plan = prepare_join(settings)
+    except (JoinError, DataFileError, SchemaError, PartitionError, RunConfigError) as error:
+        raise fail(str(error)) from None
+    console.print(
+        f"{plan.records} records OK; "
+        f"{'PLAINTEXT, no identity check' if insecure else 'coordinator certificate verified'}; "
+        f"connecting to {plan.host}:{plan.port} as {settings.name} ({role})"
+    )
+    should_stop = threading.Event()
+    stop_on_signals(should_stop)
+    try:
+        process = start_supernode(plan, settings.name)
+    except ProcessError as error:
+        raise fail(str(error)) from None
+
+    def connected(node: str) -> None:
+        console.print(
+            f"[bold green]joined[/] as node {node}; waiting for training (Ctrl-C to leave). "
+            f"Log: {process.log_path}"
+        )
+
+    code = supervise(process, should_stop.is_set, connected)
+    if code is not None:
+        raise fail(explain_exit(process, key))
+    console.print("left the federation")
