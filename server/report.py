@@ -21,7 +21,10 @@ def plot_rounds(metrics: dict[str, Any], path: Path) -> None:
     def series(key: str) -> list[float | None]:
         return ([initial.get(key)] if initial else []) + [entry[key] for entry in rounds]
 
-    figure, (accuracy_axis, loss_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    epsilons = [entry.get("epsilon_max") for entry in rounds]
+    private = all(value is not None for value in epsilons)
+    figure, axes = plt.subplots(1, 3 if private else 2, figsize=(15 if private else 10, 4))
+    accuracy_axis, loss_axis = axes[0], axes[1]
     accuracy_axis.plot(xs, series("accuracy"), marker="o", label="federated (clients' test sets)")
     central = [entry.get("central", {}).get("accuracy") for entry in rounds]
     if any(value is not None for value in central):
@@ -30,7 +33,14 @@ def plot_rounds(metrics: dict[str, Any], path: Path) -> None:
     accuracy_axis.legend()
     loss_axis.plot(xs, series("loss"), marker="o", color="tab:red")
     loss_axis.set(xlabel="round", ylabel="cross-entropy", title="loss")
-    for axis in (accuracy_axis, loss_axis):
+    if private:  # DP-SGD: what each step of accuracy cost in privacy
+        axes[2].plot(
+            epsilons, [entry["accuracy"] for entry in rounds], marker="o", color="tab:green"
+        )
+        axes[2].set(
+            xlabel="epsilon spent (largest client)", ylabel="accuracy", title="accuracy vs privacy"
+        )
+    for axis in axes:
         axis.grid(alpha=0.3)
     figure.tight_layout()
     with atomic_output(path) as temporary:
