@@ -1,0 +1,1 @@
+"""Quickstart-style Flower app on Confide's bank task (benchmark baseline)."""
