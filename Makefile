@@ -1,5 +1,7 @@
 # The two commands of the README: `make demo` (set up, then simulate the 4 real hospitals) and
 # `make test`. Everything installs into .venv; torch comes first so the CPU build is used.
+# `make test` also installs nginx if missing (.ci/setup-system, needs root or sudo): the
+# deployment tests run Confide's coordinator behind it.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -19,6 +21,7 @@ demo: setup
 	$(BIN)/confide simulate heart
 
 test: setup
+	./.ci/setup-system
 	$(BIN)/pytest
 
 lint: setup
