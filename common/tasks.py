@@ -81,7 +81,11 @@ def _integral(value: str) -> str:
 
 def task_schema(config: RunConfig) -> Schema:
     """The schema every site's file must follow (a real site loads only this, not the demo data)."""
-    return load_schema(BUNDLED_SCHEMAS.get(config.task) or Path(config.schema_file))
+    return load_schema(_schema_path(config.task, config.schema_file))
+
+
+def _schema_path(task: str, schema_file: str) -> Path:
+    return BUNDLED_SCHEMAS.get(task) or Path(schema_file)
 
 
 def load_task(config: RunConfig) -> TaskData:
@@ -107,7 +111,7 @@ def _load_task(
     max_length: int,
 ) -> TaskData:
     encoding = {"vocab_size": vocab_size, "max_length": max_length}
-    schema = load_schema(BUNDLED_SCHEMAS.get(task) or Path(schema_file))
+    schema = load_schema(_schema_path(task, schema_file))
     if task == "heart":
         rows = load_heart_rows()
     elif task == "bank":

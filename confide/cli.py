@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
 from common.partition import PartitionError, partition_plan
 from common.privacy import PrivacyConfigError
@@ -18,13 +17,14 @@ from common.run_config import RunConfigError, parse_override
 from common.schema import SchemaError, infer_schema, save_schema
 from common.site_data import DataFileError
 from common.tasks import load_task
+from confide.deploy_cli import certs_app, coordinator_app, join
+from confide.terminal import console, fail
 from simulations.scenario import ScenarioError, load_scenario
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 schema_app = typer.Typer(no_args_is_help=True, help="Write and check data schemas.")
 app.add_typer(schema_app, name="schema")
 
-console = Console()
 USER_ERRORS = (
     ScenarioError,
     RunConfigError,
@@ -33,12 +33,6 @@ USER_ERRORS = (
     PartitionError,
     PrivacyConfigError,
 )
-
-
-def fail(message: str) -> typer.Exit:
-    """One line on stderr and a non-zero exit: what went wrong and what to do."""
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(code=2)
 
 
 def partition_overrides(spec: str) -> dict[str, Any]:
@@ -209,8 +203,6 @@ def privacy(
             + (f", budget left {run.budget_left:.3f}" if run.budget_left is not None else "")
         )
 
-
-from confide.deploy_cli import certs_app, coordinator_app, join  # noqa: E402
 
 app.add_typer(certs_app, name="certs")
 app.add_typer(coordinator_app, name="coordinator")

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from common.certificates import CertificateError, CertsLayout, add_client, describe, init_certs
@@ -21,10 +20,8 @@ from common.processes import ProcessError, is_loopback, stop_on_signals
 from common.run_config import RunConfigError, parse_override
 from common.schema import SchemaError
 from common.site_data import DataFileError
+from confide.terminal import console, fail, warn
 
-# emoji=False: a fingerprint's ":CD:" must not turn into a picture of a CD.
-console = Console(emoji=False)
-err_console = Console(stderr=True, emoji=False)
 EXPIRY_WARNING_DAYS = 30
 
 certs_app = typer.Typer(
@@ -34,16 +31,6 @@ certs_app = typer.Typer(
 coordinator_app = typer.Typer(
     no_args_is_help=True, help="Run the federation's coordinator (Flower SuperLink behind nginx)."
 )
-
-
-def fail(message: str) -> typer.Exit:
-    """One line on stderr and exit code 2 (same contract as `confide simulate`)."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(code=2)
-
-
-def warn(message: str) -> None:
-    err_console.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
 
 
 def _split(values: list[str]) -> list[str]:
