@@ -18,8 +18,7 @@ Variants:
 - confide-patched: the same with the library changes proposed in `bench/patched_confide.py`
   applied by monkeypatching (evidence for them; not what Confide does today): `dispatch` (one pass
   over Flower's message store per sweep instead of one per node) and `nice` (Ray workers at
-  niceness 0 instead of 15). confide-dispatch has `dispatch` alone; confide-patched-client adds
-  `client` (per-worker model/config cache).
+  niceness 0 instead of 15; Confide now does this itself). confide-dispatch has `dispatch` alone.
 - baseline: `bench/baseline_app`, a quickstart-style Flower app (data read and encoded inside each
   handler call, Flower's default 2 CPUs per virtual client). It is slow, so at 100 and 1,000 clients
   it samples `--baseline-clients-per-round` clients per round (FedAvg's fraction-train/evaluate)
@@ -58,7 +57,6 @@ DIRICHLET_ALPHA = 2.0
 PATCHES = {
     "confide-dispatch": "dispatch",
     "confide-patched": "dispatch,nice",
-    "confide-patched-client": "dispatch,nice,client",
 }
 VARIANTS = ("confide", *PATCHES, "baseline", "baseline-cached")
 MiB = 1024 * 1024
@@ -408,7 +406,7 @@ def report(results: list[RunResult], args: argparse.Namespace, load: tuple[float
     lines += ["", "## Biggest processes at peak RSS", ""]
     for r in results:
         top = ", ".join(
-            f"{name.split()[0].rsplit('/', 1)[-1][:40]} {rss / MiB:.0f}"
+            f"{(name.split() or ['?'])[0].rsplit('/', 1)[-1][:40]} {rss / MiB:.0f}"
             for _, name, rss in r.peak_breakdown[:6]
         )
         lines.append(f"- {r.variant} N={r.clients}: {top} (MiB)")
@@ -420,7 +418,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="10,100,1000")
     parser.add_argument(
         "--variants",
-        default="confide,baseline,baseline-cached,confide-patched,confide-patched-client",
+        default="confide,baseline,baseline-cached,confide-patched",
     )
     parser.add_argument("--rounds", type=int, default=3, help="Confide's rounds")
     parser.add_argument(

@@ -41,6 +41,7 @@ from server.coordinator_run import RunRequest, network_bytes, submit_run, wait_f
 from simulations.progress import read_metrics
 
 TRANSPORTS = ("plaintext", "TLS")
+RUN_OVERRIDES = {"TLS+SecAgg+": {"secagg": True}}  # bench/secure_aggregation.py: TLS, masked sums
 GOAL_RATIO = 1.10
 RUN_TIMEOUT = 1800.0
 
@@ -182,7 +183,8 @@ def measure(
                 out = root / f"run-{count}"
                 submitted = submit_run(RunRequest(
                     state=root / "state", out=out, rounds=rounds[count],
-                    overrides={"local-epochs": 1}, clients=count, wait_timeout=600,
+                    overrides={"local-epochs": 1, **RUN_OVERRIDES.get(transport, {})},
+                    clients=count, wait_timeout=600,
                 ))  # fmt: skip
                 samples = _follow(out, relay, RUN_TIMEOUT)
                 metrics = wait_for_run(submitted, RUN_TIMEOUT)

@@ -7,6 +7,7 @@ config differs (a data file there, a partition id here).
 from __future__ import annotations
 
 import logging
+from functools import lru_cache
 
 import torch
 from flwr.app import (
@@ -20,15 +21,19 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
+from client.dp_mods import client_side_clipping
 from client.local_data import load_local_split, open_ledger
 from client.private_training import train_privately
+from client.secure_aggregation import secure_aggregation
+from client.simulated_faults import simulated_faults
 from client.training import choose_device, make_optimizer, train_epochs
 from common.evaluation import evaluate, make_loader
 from common.model_factory import build_model
 from common.partition import ClientSplit
 from common.privacy import PrivacyConfigError
 from common.privacy_ledger import BudgetExhausted, LedgerError
-from common.run_config import RunConfig
+from common.received_weights import torch_state_dict
+from common.run_config import RunConfig, cached_run_config
 from common.tasks import task_schema
 
 EVALUATION_BATCH_SIZE = 256
@@ -36,12 +41,20 @@ CLIENT_WEIGHT = "client-weight"  # uniform weight, for coordinators that average
 REFUSED = 403  # error code of a reply that declines to train (privacy budget, broken ledger)
 
 log = logging.getLogger(__name__)
-app = ClientApp()
+app = ClientApp(mods=[simulated_faults])  # dropouts/stragglers: in simulation, when configured
 
 
-def _received_model(msg: Message, config: RunConfig) -> torch.nn.Module:
-    model = build_model(task_schema(config), config)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+@lru_cache(maxsize=2)
+def _worker_model(config: RunConfig) -> torch.nn.Module:
+    """Built once per process: a simulation worker serves thousands of client-rounds of one model."""
+    return build_model(task_schema(config), config)
+
+
+def _received_model(msg: Message, config: RunConfig, fresh: bool = False) -> torch.nn.Module:
+    """The received weights in this worker's model; `fresh` for DP-SGD, because Opacus adds its
+    hooks to the module it wraps and a reused module would collect them round after round."""
+    model = build_model(task_schema(config), config) if fresh else _worker_model(config)
+    model.load_state_dict(torch_state_dict(msg.content["arrays"]))
     return model
 
 
@@ -89,11 +102,11 @@ def _train_private(
     }
 
 
-@app.train()
+@app.train(mods=[secure_aggregation, client_side_clipping])  # SecAgg+ must see the final reply
 def train(msg: Message, context: Context) -> Message:
-    config = RunConfig.from_mapping(context.run_config)
+    config = cached_run_config(context.run_config)
     split = load_local_split(config, context.node_config)
-    model = _received_model(msg, config)
+    model = _received_model(msg, config, fresh=config.dp)
     try:
         if config.dp:
             metrics = _train_private(model, split, config, msg, context)
@@ -116,7 +129,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_global_model(msg: Message, context: Context) -> Message:
-    config = RunConfig.from_mapping(context.run_config)
+    config = cached_run_config(context.run_config)
     split = load_local_split(config, context.node_config)
     model = _received_model(msg, config)
     result = evaluate(model, split.test, EVALUATION_BATCH_SIZE, choose_device())

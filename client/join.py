@@ -58,7 +58,8 @@ LOG_HINTS = (
         "the coordinator refused this client: the key {key} is not registered there (not "
         "invited, or invited after the coordinator started); ask the coordinator's operator to "
         "invite it (`confide certs add-client`) and restart the coordinator, or check you passed "
-        "your own key",
+        "your own key; if this site stopped abruptly under a minute ago, the coordinator still "
+        "counts its old connection online: join again in a minute",
     ),
     (
         "400 Bad Request",

@@ -13,12 +13,20 @@ from functools import lru_cache
 
 import torch
 from opacus import PrivacyEngine
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
+from torch.nn import functional as F
 
 from client.training import make_optimizer, train_epochs
 from common.evaluation import LocalResult, make_loader
-from common.privacy import HistoryEntry, PrivacyBudget, calibrate_noise_multiplier, epsilon_of
+from common.privacy import (
+    HistoryEntry,
+    PrivacyBudget,
+    PrivacyConfigError,
+    calibrate_noise_multiplier,
+    epsilon_of,
+)
 from common.privacy_ledger import LedgerEntry, PrivacyLedger
 from common.run_config import RunConfig
 from common.site_data import EncodedDataset
@@ -67,6 +75,19 @@ def noise_for_run(
     return _calibrated_sigma(budget, sample_rate, steps, config.num_server_rounds, earlier)
 
 
+def noise_only_step(model: nn.Module, optimizer: DPOptimizer) -> None:
+    """An empty Poisson batch still takes its step, of noise alone: skipping it would make the
+    released model depend on whether any record was drawn, which DP-SGD's accounting excludes."""
+    optimizer.zero_grad()
+    ghost = isinstance(optimizer, DPOptimizerFastGradientClipping)
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            parameter.grad = torch.zeros_like(parameter)  # ghost: the clipped sum, here nothing
+            if not ghost:  # the other modes clip per-sample gradients: here none
+                parameter.grad_sample = parameter.new_zeros((0, *parameter.shape))
+    optimizer.step()
+
+
 def train_privately(
     model: nn.Module,
     train_set: EncodedDataset,
@@ -79,6 +100,12 @@ def train_privately(
 ) -> PrivateRound:
     """Raises BudgetExhausted (from the ledger) when this round would overspend."""
     budget.validate(len(train_set))
+    if config.batch_size > len(train_set):
+        raise PrivacyConfigError(
+            f"batch-size {config.batch_size} is larger than this client's {len(train_set)} "
+            "training records: every step would use every record, so sampling could not hide "
+            f"any of them; set batch-size to at most {len(train_set)}"
+        )
     loader = make_loader(
         train_set, config.batch_size, shuffle=True, seed=config.seed + server_round
     )
@@ -99,7 +126,8 @@ def train_privately(
         warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
         warnings.filterwarnings("ignore", message=".*[Ff]ull backward hook.*")
         engine = PrivacyEngine(accountant=budget.accountant)
-        private_model, private_optimizer, private_loader = engine.make_private(
+        ghost = config.dp_mode == "ghost"
+        wrapped = engine.make_private(
             module=model.to(device),
             optimizer=optimizer,
             data_loader=loader,
@@ -107,6 +135,11 @@ def train_privately(
             max_grad_norm=budget.max_grad_norm,
             poisson_sampling=True,
             grad_sample_mode=config.dp_mode,
+            **({"criterion": nn.CrossEntropyLoss()} if ghost else {}),
+        )
+        # Ghost clipping also wraps the loss: its backward runs the two passes that clip.
+        private_model, private_optimizer, loss_function, private_loader = (
+            wrapped if ghost else (wrapped[0], wrapped[1], F.cross_entropy, wrapped[2])
         )
         results = []
         for _ in range(config.local_epochs):
@@ -115,7 +148,17 @@ def train_privately(
                 max_physical_batch_size=config.physical_batch_size,
                 optimizer=private_optimizer,
             ) as batches:
-                results.append(train_epochs(private_model, batches, private_optimizer, 1, device))
+                results.append(
+                    train_epochs(
+                        private_model,
+                        batches,
+                        private_optimizer,
+                        1,
+                        device,
+                        loss_function=loss_function,
+                        on_empty_batch=lambda: noise_only_step(private_model, private_optimizer),
+                    )
+                )
     seen = sum(r.num_examples for r in results)
     result = LocalResult(
         loss=sum(r.loss * r.num_examples for r in results) / max(seen, 1),

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
@@ -27,6 +28,9 @@ def make_optimizer(
     return torch.optim.Adam(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
 
 
+LossFunction = Callable[[Tensor, Tensor], Tensor]
+
+
 def train_epochs(
     model: nn.Module,
     loader: DataLoader,
@@ -34,24 +38,29 @@ def train_epochs(
     epochs: int,
     device: torch.device,
     proximal_mu: float = 0.0,
+    loss_function: LossFunction = F.cross_entropy,
+    on_empty_batch: Callable[[], None] | None = None,
 ) -> LocalResult:
     """SGD over the local data; `num_examples` counts examples processed.
 
     With proximal_mu > 0 the FedProx term keeps weights near the global model, which damps client
-    drift on skewed data."""
+    drift on skewed data. DP-SGD passes Opacus' loss (ghost clipping wraps it) and what to do with
+    the empty batches Poisson sampling can draw."""
     started = time.perf_counter()
     model.to(device).train()
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
     total_loss, correct, seen = 0.0, 0, 0
     for _ in range(epochs):
         for *inputs, labels in loader:
-            if len(labels) == 0:  # Poisson sampling can draw an empty batch
+            if len(labels) == 0:  # only Poisson sampling (DP-SGD) draws an empty batch
+                if on_empty_batch:
+                    on_empty_batch()
                 continue
             inputs = [tensor.to(device) for tensor in inputs]
             labels = labels.to(device)
             optimizer.zero_grad(set_to_none=True)
             logits = model(*inputs)
-            loss = F.cross_entropy(logits, labels)
+            loss = loss_function(logits, labels)
             if anchor:
                 drift = sum(
                     (p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor, strict=True)

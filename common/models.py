@@ -10,7 +10,8 @@ everything below:
    path, which silently gets per-sample gradients wrong when the owning module's forward takes
    keyword arguments; so those are ``nn.Embedding`` lookups instead.
 2. Embedding lookups use ids expanded to the full batch shape ([B, ...]), never a [1, ...]
-   tensor broadcast later: Opacus reads the batch dimension off the ids.
+   tensor broadcast later: Opacus reads the batch dimension off the ids. They are made
+   contiguous, because ghost clipping flattens them with ``view``.
 3. Attention is written by hand with ``F.scaled_dot_product_attention``. ``nn.MultiheadAttention``
    and ``nn.TransformerEncoderLayer`` get wrong per-sample gradients with ``batch_first=True``.
 
@@ -175,7 +176,7 @@ class TabularTransformer(nn.Module):
         B = numeric.shape[0]
         tokens = [self.cls(torch.zeros(B, 1, dtype=torch.long, device=numeric.device))]  # [B,1,C]
         if self.numeric_weight is not None and self.numeric_bias is not None:
-            ids = self.numeric_ids.expand(B, -1)  # [B, F]: batch-shaped ids (rule 2 above)
+            ids = self.numeric_ids.expand(B, -1).contiguous()  # [B, F]: rule 2
             x = numeric.unsqueeze(-1)  # [B, F, 1]
             tokens.append(self.numeric_weight(ids) * x + self.numeric_bias(ids))  # [B, F, C]
         if self.categorical is not None:
@@ -224,7 +225,7 @@ class TextTransformer(nn.Module):
         if T > self.max_length:
             raise ValueError(f"sequence length {T} exceeds max_length {self.max_length}")
         padding_mask = padding_mask.bool()
-        positions = self.position_ids[:T].expand(B, T)  # [B, T]: batch-shaped ids (rule 2)
+        positions = self.position_ids[:T].expand(B, T).contiguous()  # [B, T]: rule 2
         x = self.dropout(self.token(token_ids) + self.position(positions))  # [B, T, C]
         # A row that is all padding would make softmax over zero keys -> NaN. Let such rows
         # attend everywhere; pooling below still ignores them.

@@ -36,6 +36,8 @@ NORM_ACTIONS = ("reject", "clip")
 OPTIMIZERS = ("adam", "sgd")
 HOLDOUTS = ("test", "validation")
 DP_MODES = ("hooks", "ew", "functorch", "ghost")
+SECAGG_MODULUS = 2**32  # SecAgg+'s masking modulus (Flower's default, and its maximum)
+CLIENT_DP_CLIPPING = ("server", "client", "adaptive")
 
 
 class RunConfigError(ValueError):
@@ -57,6 +59,9 @@ class RunConfig:
     num_server_rounds: int
     fraction_train: float
     fraction_evaluate: float
+    dropout_fraction: float
+    straggler_fraction: float
+    straggler_delay: float
     strategy: str
     proximal_mu: float
     server_learning_rate: float
@@ -66,6 +71,8 @@ class RunConfig:
     norm_action: str
     max_num_examples: int
     round_timeout: float
+    min_train_replies: int
+    round_retries: int
     local_epochs: int
     batch_size: int
     optimizer: str
@@ -82,9 +89,16 @@ class RunConfig:
     dp_optimizer: str
     dp_learning_rate: float
     client_dp: bool
+    client_dp_clipping: str
     client_dp_noise_multiplier: float
     client_dp_clipping_norm: float
     client_dp_max_epsilon: float
+    secagg: bool
+    secagg_num_shares: float
+    secagg_reconstruction_threshold: float
+    secagg_clipping_range: float
+    secagg_quantization_range: int
+    secagg_max_weight: int
     model_width: int
     model_depth: int
     model_heads: int
@@ -127,10 +141,18 @@ class RunConfig:
             ("task", self.task in TASKS, f"one of {', '.join(TASKS)}"),
             ("partitioner", self.partitioner in PARTITIONERS, f"one of {', '.join(PARTITIONERS)}"),
             ("strategy", self.strategy in STRATEGIES, f"one of {', '.join(STRATEGIES)}"),
+            ("seed", 0 <= self.seed < 2**63, "an integer from 0 to 2**63 - 1"),  # numpy, torch
             ("num-server-rounds", self.num_server_rounds >= 1, "an integer >= 1"),
             ("num-clients", self.num_clients >= 1, "an integer >= 1"),
             ("fraction-train", 0 < self.fraction_train <= 1, "a number in (0, 1]"),
             ("fraction-evaluate", 0 < self.fraction_evaluate <= 1, "a number in (0, 1]"),
+            ("dropout-fraction", 0 <= self.dropout_fraction <= 1, "a number in [0, 1]"),
+            (
+                "straggler-fraction",
+                0 <= self.straggler_fraction <= 1 - self.dropout_fraction,
+                f"a number in [0, 1 - dropout-fraction] = [0, {1 - self.dropout_fraction:g}]",
+            ),
+            ("straggler-delay", self.straggler_delay >= 0, "a number of seconds >= 0"),
             ("test-fraction", 0 < self.test_fraction < 1, "a number in (0, 1)"),
             ("holdout", self.holdout in HOLDOUTS, f"one of {', '.join(HOLDOUTS)}"),
             ("dirichlet-alpha", self.dirichlet_alpha > 0, "a number > 0"),
@@ -140,13 +162,33 @@ class RunConfig:
             ("optimizer", self.optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
             ("dp-optimizer", self.dp_optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
             ("dp-learning-rate", self.dp_learning_rate > 0, "a number > 0"),
+            (
+                "client-dp-clipping",
+                self.client_dp_clipping in CLIENT_DP_CLIPPING,
+                f"one of {', '.join(CLIENT_DP_CLIPPING)}",
+            ),
             ("client-dp-noise-multiplier", self.client_dp_noise_multiplier > 0, "a number > 0"),
             ("client-dp-clipping-norm", self.client_dp_clipping_norm > 0, "a number > 0"),
             ("client-dp-max-epsilon", self.client_dp_max_epsilon > 0, "a number > 0"),
+            ("secagg-num-shares", 0 < self.secagg_num_shares <= 1, "a fraction in (0, 1]"),
+            (
+                "secagg-reconstruction-threshold",
+                0 < self.secagg_reconstruction_threshold <= 1,
+                "a fraction in (0, 1]",
+            ),
+            ("secagg-clipping-range", self.secagg_clipping_range > 0, "a number > 0"),
+            ("secagg-max-weight", self.secagg_max_weight >= 1, "an integer >= 1"),
+            ("secagg-quantization-range", self.secagg_quantization_range >= 2, "an integer >= 2"),
             ("weight-decay", self.weight_decay >= 0, "a number >= 0"),
             ("proximal-mu", self.proximal_mu >= 0, "a number >= 0"),
             ("server-learning-rate", self.server_learning_rate > 0, "a number > 0"),
             ("round-timeout", self.round_timeout > 0, "a number of seconds > 0"),
+            (
+                "min-train-replies",
+                1 <= self.min_train_replies <= self.num_clients,
+                f"an integer from 1 to num-clients ({self.num_clients})",
+            ),
+            ("round-retries", self.round_retries >= 0, "an integer >= 0"),
             ("num-malicious", self.num_malicious >= 0, "an integer >= 0"),
             ("trim-beta", 0 <= self.trim_beta < 0.5, "a number in [0, 0.5)"),
             ("max-update-norm", self.max_update_norm >= 0, "0 (no bound) or a number > 0"),
@@ -176,6 +218,8 @@ class RunConfig:
                 "of the data loss only, so the proximal term would be silently dropped; use "
                 "fedavg or fedadam with DP"
             )
+        if self.secagg:
+            self._check_secure_aggregation(source)
         if self.client_dp and self.strategy != "fedavg":
             raise RunConfigError(
                 f"{source}: client-dp = true needs strategy 'fedavg' (Flower's accountant for "
@@ -188,6 +232,24 @@ class RunConfig:
                 f"{source}: task 'custom' needs 'data-file' and 'schema-file' "
                 "(confide simulate --data FILE --schema SCHEMA.toml)"
             )
+
+    def _check_secure_aggregation(self, source: str) -> None:
+        """Under SecAgg+ the coordinator sees only the sum: whatever needs one update is refused."""
+        blind = "the coordinator sees only the masked sum, never one client's update"
+        problems = [
+            (self.strategy != "fedavg", f"strategy '{self.strategy}': use fedavg ({blind})"),
+            (self.max_update_norm > 0, f"max-update-norm > 0: set it to 0 ({blind})"),
+            (self.client_dp, f"client-dp = true: clipping each update needs it in clear ({blind})"),
+            (self.num_clients < 2, "num-clients < 2: masks cancel only among two or more clients"),
+            (
+                self.num_clients * self.secagg_quantization_range > SECAGG_MODULUS,
+                f"secagg-quantization-range x num-clients above 2**32: the masked sum would "
+                f"overflow; lower secagg-quantization-range to {SECAGG_MODULUS // self.num_clients}",
+            ),
+        ]
+        found = [message for failed, message in problems if failed]
+        if found:
+            raise RunConfigError(f"{source}: secagg = true cannot run with " + "; ".join(found))
 
     def privacy_budget(self, node_config: Mapping[str, Any] | None = None) -> PrivacyBudget:
         """The run's budget, unless the node set its own `target-epsilon`/`target-delta`."""
@@ -214,6 +276,17 @@ def _coerce(value: Any, expected: type, key: str, source: str) -> Any:
     if expected is float and not math.isfinite(value):
         raise RunConfigError(f"{source}: '{key}' = {value!r} must be a finite number")
     return value
+
+
+def cached_run_config(values: Mapping[str, Any]) -> RunConfig:
+    """`RunConfig.from_mapping` once per distinct run config and process: a simulation worker
+    handles thousands of messages of one run, each carrying the same config."""
+    return _cached_run_config(tuple(sorted(values.items())))
+
+
+@lru_cache(maxsize=8)
+def _cached_run_config(items: tuple[tuple[str, Any], ...]) -> RunConfig:
+    return RunConfig.from_mapping(dict(items))
 
 
 @lru_cache(maxsize=1)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,7 +18,9 @@ from common.site_data import DataFileError
 from common.tasks import load_task
 from confide.deploy_cli import certs_app, coordinator_app, join
 from confide.terminal import console, fail
-from simulations.scenario import ScenarioError, load_scenario
+from server.tensorboard_export import export_tensorboard, tensorboard_missing
+from simulations.scenario import Scenario, ScenarioError
+from simulations.sweep import plan_sweep
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 schema_app = typer.Typer(no_args_is_help=True, help="Write and check data schemas.")
@@ -73,11 +74,16 @@ def simulate(
     ] = None,
     quiet: Annotated[bool, typer.Option(help="No live display (CI)")] = False,
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs")] = False,
+    tensorboard: Annotated[
+        bool, typer.Option(help="Also write RUN/tensorboard/ (needs tensorboard installed)")
+    ] = False,
 ) -> None:
-    """Rehearse a federation on this machine with Flower's simulation engine."""
-    from simulations.engine import run_in_simulation
-    from simulations.progress import RoundProgress, read_metrics, summary_table
+    """Rehearse a federation on this machine with Flower's simulation engine.
 
+    A list in the scenario (`target-epsilon = [1, 3, 8]`) sweeps: one run per value (per
+    combination, for several lists) under --out, then one comparison table and plot."""
+    if tensorboard and (missing := tensorboard_missing()):
+        raise fail(missing)
     try:
         overrides: dict[str, Any] = dict(parse_override(item) for item in set_ or [])
         if rounds is not None:
@@ -102,19 +108,48 @@ def simulate(
         else:
             default_name = data.stem if data else Path(scenario).stem
             run_dir = (out or Path("runs") / default_name).resolve()
-        overrides["run-dir"] = str(run_dir)
-        plan = load_scenario(scenario, overrides)
-        load_task(plan.config)  # data problems surface here, before any process starts
-        names, _ = partition_plan(plan.config)
+        runs = plan_sweep(scenario, overrides, run_dir)
+        for run in runs:  # data problems surface here, before any process starts
+            load_task(run.scenario.config)
+            partition_plan(run.scenario.config)
     except USER_ERRORS as error:
         raise fail(str(error)) from None
+    if not runs[0].values:
+        simulate_run(runs[0].scenario, resume is None, quiet, verbose, tensorboard)
+        return
+    from simulations.sweep_report import comparison_rows, comparison_table, write_comparison
 
+    failed = []
+    for number, run in enumerate(runs, 1):
+        console.rule(f"sweep run {number}/{len(runs)}: {run.label}")
+        try:
+            simulate_run(run.scenario, True, quiet, verbose, tensorboard)
+        except typer.Exit:  # already reported; the other runs still compare
+            failed.append(run.label)
+    rows = comparison_rows(runs)
+    title = f"sweep of {runs[0].scenario.name}"
+    console.print(comparison_table(rows, title))
+    write_comparison(rows, run_dir, title)
+    console.print(f"comparison: {run_dir / 'sweep.md'}, sweep.csv, sweep.png")
+    if failed:
+        raise fail(f"{len(failed)} of {len(runs)} sweep runs failed: {', '.join(failed)}")
+
+
+def simulate_run(
+    plan: Scenario, fresh: bool, quiet: bool, verbose: bool, tensorboard: bool
+) -> None:
+    """One run in its run directory, with live progress unless quiet; exits 2 if it failed."""
+    from simulations.engine import run_in_simulation
+    from simulations.progress import RoundProgress, read_metrics, summary_table
+
+    run_dir = Path(plan.config.run_dir)
+    names, _ = partition_plan(plan.config)
     console.print(
         f"[bold]{plan.name}[/]: {plan.description or plan.config.task} - "
         f"{len(names)} clients, {plan.config.num_server_rounds} rounds, "
         f"strategy {plan.config.strategy} -> {run_dir}"
     )
-    if resume is None:
+    if fresh:
         (run_dir / "metrics.json").unlink(missing_ok=True)
     try:
         if quiet:
@@ -129,19 +164,19 @@ def simulate(
     if metrics is None or metrics.get("status") != "completed":
         raise fail(f"simulation ended without a completed run; see {run_dir / 'metrics.json'}")
     console.print(summary_table(metrics))
-    console.print(f"run directory: {run_dir}")
+    if tensorboard:
+        export_tensorboard(metrics, run_dir / "tensorboard")
+    console.print(f"run directory: {run_dir} (report.md)")
 
 
 def resumable_config(run_dir: Path) -> dict[str, Any]:
     """The settings a run was started with, from its metrics.json."""
-    path = run_dir / "metrics.json"
+    from server.run_record import ResumeError, resumable_metrics
+
     try:
-        document = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError) as error:
-        raise RunConfigError(f"--resume {run_dir}: cannot read {path} ({error})") from None
-    if not document.get("rounds"):
-        raise RunConfigError(f"--resume {run_dir}: no complete round yet; start the run afresh")
-    return dict(document["config"])
+        return dict(resumable_metrics(run_dir)["config"])
+    except ResumeError as error:
+        raise RunConfigError(f"--resume {run_dir}: {error}") from None
 
 
 @schema_app.command("infer")

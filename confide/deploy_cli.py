@@ -228,7 +228,10 @@ def coordinator_status(
 @coordinator_app.command("run")
 def coordinator_run(
     state: Annotated[Path, typer.Option(help="The state directory of the running coordinator")],
-    out: Annotated[Path, typer.Option(help="Run directory (metrics, model, plots)")],
+    out: Annotated[Path | None, typer.Option(help="Run directory (metrics, model, plots)")] = None,
+    resume: Annotated[
+        Path | None, typer.Option(help="Continue this run directory after its last round")
+    ] = None,
     rounds: Annotated[int | None, typer.Option(help="Server rounds")] = None,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="KEY=VALUE for any run-config key")
@@ -239,19 +242,26 @@ def coordinator_run(
     wait_timeout: Annotated[float, typer.Option(help="Seconds to wait for the clients")] = 600,
     timeout: Annotated[float, typer.Option(help="Seconds the run may take")] = 6 * 3600,
     quiet: Annotated[bool, typer.Option(help="No live display (CI)")] = False,
+    secagg: Annotated[
+        bool, typer.Option(help="SecAgg+: the coordinator sees only the masked sum of the models")
+    ] = False,
 ) -> None:
     """Train on the joined clients and write the run directory, like `confide simulate`."""
     from server.coordinator import CoordinatorError
     from server.coordinator_run import RunRequest, submit_run, wait_for_run
     from simulations.progress import RoundProgress, summary_table
 
+    if (out is None) == (resume is None):
+        raise fail("pass either --out DIR for a new run or --resume DIR to continue one")
     try:
         overrides: dict[str, Any] = dict(parse_override(item) for item in set_ or [])
     except RunConfigError as error:
         raise fail(str(error)) from None
+    if secagg:
+        overrides["secagg"] = True
     request = RunRequest(
-        state=state, out=out, rounds=rounds, overrides=overrides, clients=clients,
-        wait_timeout=wait_timeout, run_timeout=timeout,
+        state=state, out=out or resume, rounds=rounds, overrides=overrides, clients=clients,
+        wait_timeout=wait_timeout, run_timeout=timeout, resume=resume is not None,
     )  # fmt: skip
 
     def waiting(online: int, expected: int) -> None:

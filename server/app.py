@@ -18,8 +18,15 @@ from common.model_factory import build_model
 from common.run_config import RunConfig
 from common.site_data import EncodedDataset
 from common.tasks import load_central_test, task_schema
-from server.federation import CentralEvaluation, evaluate_round, run_federation
+from server.federation import (
+    CentralEvaluation,
+    Quorum,
+    await_clients,
+    evaluate_round,
+    run_federation,
+)
 from server.run_record import RunRecorder
+from server.secure_aggregation import SecureAggregation
 from server.strategy_choice import build_strategy
 from server.strategy_state import restore_strategy_state
 from server.update_validation import UpdatePolicy
@@ -59,6 +66,7 @@ def main(grid: Grid, context: Context) -> None:
         restore_strategy_state(strategy, point.strategy_state)
         log.info("resuming %s after round %d", config.run_dir, point.last_round)
     try:
+        await_clients(grid, config.num_clients, config.min_train_replies, config.round_timeout)
         if not config.resume:
             recorder.initial(evaluate_round(grid, strategy, arrays, 0, config.round_timeout))
         run_federation(
@@ -71,6 +79,12 @@ def main(grid: Grid, context: Context) -> None:
             on_round=recorder.round_finished,
             central_evaluation=central_evaluation(config, test_set) if test_set else None,
             first_round=first_round,
+            quorum=Quorum(config.min_train_replies, config.round_retries),
+            secure=(
+                SecureAggregation(grid, context, config, config.min_train_replies)
+                if config.secagg
+                else None
+            ),
         )
     except Exception as error:
         recorder.finish(error=str(error))

@@ -5,6 +5,8 @@ over its loopback Control API (`server/flwr_control.py`): admits any client invi
 start, waits until the expected sites are online, submits this repository's Flower app with the
 run settings, and follows it until Flower reports it finished. The ServerApp writes the run
 directory itself (metrics.json, model.safetensors, plots), exactly as under `confide simulate`.
+With `resume`, the run directory of an earlier run (e.g. one whose coordinator crashed) is
+continued after its last complete round, with the settings it was started with.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from common.run_config import PROJECT_ROOT, RunConfig, RunConfigError
 from server import flwr_control
 from server.coordinator import CoordinatorError, StateLayout, register_clients, running_status
 from server.flwr_control import ControlConnection, ControlError
+from server.run_record import ResumeError, resumable_metrics
 from simulations.progress import read_metrics
 
 POLL_SECONDS = 2.0
@@ -37,6 +40,7 @@ class RunRequest:
     clients: int | None = None  # how many must be online; default: every registered client
     wait_timeout: float = 600.0
     run_timeout: float = 6 * 3600.0
+    resume: bool = False  # continue `out` after its last complete round
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,12 @@ def online_sites(state: Path) -> tuple[dict[str, Any], list[dict[str, str]]]:
 
 def run_config_for(request: RunRequest, expected_clients: int) -> RunConfig:
     overrides = dict(request.overrides)
+    if request.resume:  # the settings the run started with, then today's overrides
+        try:
+            recorded = resumable_metrics(request.out.resolve())["config"]
+        except ResumeError as error:
+            raise CoordinatorError(f"--resume {request.out}: {error}") from None
+        overrides = {**recorded, **overrides, "resume": True}
     if request.rounds is not None:
         overrides["num-server-rounds"] = request.rounds
     overrides.setdefault("num-clients", expected_clients)
@@ -139,7 +149,8 @@ def submit_run(
     config = run_config_for(request, expected)
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics.json").unlink(missing_ok=True)
+    if not request.resume:
+        (run_dir / "metrics.json").unlink(missing_ok=True)
     try:
         wait_for_clients(connection, expected, request.wait_timeout, on_wait)
         overrides = {k: v for k, v in config.to_mapping().items() if k in _changed(config)}

@@ -2,7 +2,8 @@
 
 Flower's `Strategy.start` runs this loop too, but it lets a run "complete" when every client failed
 and keeps per-client results to itself. Owning the loop (about fifty lines) lets Confide count every
-failed reply, stop loudly when a round has no usable reply, and checkpoint after each round.
+failed reply, retry a round short of its quorum, stop loudly when it stays short, and checkpoint
+after each round.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -21,11 +22,27 @@ from flwr.serverapp.strategy import Strategy
 from server.strategy_state import strategy_state
 from server.update_validation import UpdatePolicy, screen_update
 
+if TYPE_CHECKING:  # secure_aggregation raises this module's FederationError
+    from server.secure_aggregation import SecureAggregation
+
 log = logging.getLogger(__name__)
 
 
 class FederationError(RuntimeError):
-    """A round that cannot go on: no client replied with a usable result."""
+    """A round that cannot go on: too few clients replied with a usable result."""
+
+
+@dataclass(frozen=True)
+class Quorum:
+    """How many usable updates a round needs, and how often a short round is sent again.
+
+    A dropped client (crashed, offline, slower than `round-timeout`) must not stall the run, yet
+    a round aggregated from too few sites is not the federation's model: below `minimum` the round
+    is retried with fresh sampling, and after `retries` more tries the run stops and says why.
+    """
+
+    minimum: int = 1
+    retries: int = 0
 
 
 @dataclass
@@ -39,6 +56,10 @@ class RoundRecord:
     rejected: list[dict[str, Any]] = field(default_factory=list)
     central: dict[str, float] = field(default_factory=dict)
     client_level: dict[str, float] = field(default_factory=dict)
+    retries: int = 0
+    # DP-SGD: epsilon of every client that trained, evaluated this round or not (with sampling,
+    # few clients do both, and `clients` holds the evaluated ones)
+    trained_epsilons: dict[int, float] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         document = {
@@ -50,11 +71,15 @@ class RoundRecord:
             "failures": self.failures,
             "rejected": len(self.rejected),
             "rejections": self.rejected,
+            "retries": self.retries,
             "clients": self.clients,
         }
         epsilons = [client["epsilon"] for client in self.clients if "epsilon" in client]
+        epsilons += self.trained_epsilons.values()
         if epsilons:
             document["epsilon_max"] = max(epsilons)
+        if self.trained_epsilons:
+            document["trained_epsilons"] = {str(k): v for k, v in self.trained_epsilons.items()}
         if self.central:
             document["central"] = self.central
         if self.client_level:
@@ -159,6 +184,83 @@ def screen_updates(
     return accepted, rejected
 
 
+def client_level_privacy(strategy: Strategy) -> dict[str, float]:
+    """Flower's DP wrappers: the norm used this round and, where it accounts, the epsilon."""
+    if not hasattr(strategy, "clipping_norm"):
+        return {}
+    privacy = {
+        "clipping_norm": float(strategy.clipping_norm),
+        "noise_multiplier": float(strategy.noise_multiplier),
+    }
+    spent = strategy.privacy_spent() if hasattr(strategy, "privacy_spent") else None
+    if spent is not None:
+        privacy |= {"epsilon": spent.epsilon, "delta": spent.delta}
+    return privacy
+
+
+def await_clients(grid: Grid, expected: int, minimum: int, timeout: float) -> int:
+    """Wait (at most `timeout`) for the expected clients before the first round, so it does not
+    start with the few that registered first ("Sampled 2 nodes out of 200"); fewer than `minimum`
+    by then stops the run. Returns how many are connected."""
+    deadline = time.monotonic() + timeout
+    while (connected := len(list(grid.get_node_ids()))) < expected:
+        if time.monotonic() >= deadline:
+            if connected < minimum:
+                raise FederationError(
+                    f"only {connected} of {expected} clients connected within {timeout:g}s, "
+                    f"fewer than min-train-replies = {minimum}"
+                )
+            log.warning("starting with %d of %d clients connected", connected, expected)
+            break
+        time.sleep(1.0)
+    return connected
+
+
+@dataclass
+class TrainingReplies:
+    trained: list[Message]
+    failures: list[dict[str, Any]]
+    rejected: list[dict[str, Any]]
+    retries: int
+
+
+def collect_updates(
+    grid: Grid,
+    strategy: Strategy,
+    arrays: ArrayRecord,
+    server_round: int,
+    timeout: float,
+    policy: UpdatePolicy,
+    quorum: Quorum,
+) -> TrainingReplies:
+    """The usable updates that arrived within `timeout`, trying again while fewer than the quorum;
+    the failures and rejections of every try are kept for the round's record."""
+    failures: list[dict[str, Any]] = []
+    rejected: list[dict[str, Any]] = []
+    for attempt in range(quorum.retries + 1):
+        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+        replied, failed = split_replies(grid.send_and_receive(messages, timeout=timeout))
+        trained, refused = screen_updates(replied, arrays, policy)
+        failures += [{**f, "stage": "train", "attempt": attempt + 1} for f in failed]
+        rejected += [{**r, "attempt": attempt + 1} for r in refused]
+        if len(trained) >= quorum.minimum:
+            return TrainingReplies(trained, failures, rejected, retries=attempt)
+        log.warning(
+            "round %d, try %d of %d: %d of %d sampled clients returned a usable update, fewer "
+            "than min-train-replies = %d",
+            server_round, attempt + 1, quorum.retries + 1, len(trained), len(messages),
+            quorum.minimum,
+        )  # fmt: skip
+    problems = failures + rejected
+    reasons = "; ".join(f"node {p['id']}: {p['reason']}" for p in problems[-3:])
+    usable = f"only {len(trained)} of {len(messages)} sampled clients" if trained else "no client"
+    raise FederationError(
+        f"round {server_round}: {usable} returned a usable update, fewer than "
+        f"min-train-replies = {quorum.minimum}, in each of {quorum.retries + 1} tries "
+        f"({reasons or 'none replied within round-timeout = ' + format(timeout, 'g') + 's'})"
+    )
+
+
 def run_round(
     grid: Grid,
     strategy: Strategy,
@@ -167,31 +269,33 @@ def run_round(
     timeout: float,
     policy: UpdatePolicy,
     central_evaluation: CentralEvaluation | None = None,
+    quorum: Quorum = Quorum(),
+    secure: SecureAggregation | None = None,
 ) -> tuple[ArrayRecord, RoundRecord]:
     started = time.perf_counter()
-    train_messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
-    replied, failures = split_replies(grid.send_and_receive(train_messages, timeout=timeout))
-    trained, rejected = screen_updates(replied, arrays, policy)
-    if not trained:
-        problems = failures + rejected
-        reasons = "; ".join(f"node {f['id']}: {f['reason']}" for f in problems[:3])
-        raise FederationError(
-            f"round {server_round}: no client returned a usable update "
-            f"({len(problems)} failed or rejected{': ' + reasons if reasons else ', none replied in time'})"
-        )
-    new_arrays, _ = strategy.aggregate_train(server_round, trained)
+    if secure:  # SecAgg+: the coordinator gets the masked sum only, nothing to screen one by one
+        secured = secure.train(arrays, server_round)
+        new_arrays, train_metrics = secured.arrays, secured.train_metrics
+        replies = TrainingReplies([], secured.failures, [], retries=0)
+    else:
+        replies = collect_updates(grid, strategy, arrays, server_round, timeout, policy, quorum)
+        new_arrays, _ = strategy.aggregate_train(server_round, replies.trained)
+        train_metrics = {reply.metadata.src_node_id: _metrics(reply) for reply in replies.trained}
     if new_arrays is None:
         raise FederationError(f"round {server_round}: the strategy could not aggregate the updates")
     new_arrays = same_dtypes(new_arrays, arrays)
-    train_metrics = {reply.metadata.src_node_id: _metrics(reply) for reply in trained}
     record = evaluate_round(grid, strategy, new_arrays, server_round, timeout, train_metrics)
-    record.failures = [{**f, "stage": "train"} for f in failures] + record.failures
-    record.rejected = rejected
+    record.failures = replies.failures + record.failures
+    record.rejected = replies.rejected
+    record.retries = replies.retries
+    record.trained_epsilons = {
+        node: float(metrics["epsilon"])
+        for node, metrics in train_metrics.items()
+        if "epsilon" in metrics
+    }
     if central_evaluation:
         record.central = central_evaluation(new_arrays)
-    spent = strategy.privacy_spent() if hasattr(strategy, "privacy_spent") else None
-    if spent is not None:  # client-level DP at the coordinator
-        record.client_level = {"epsilon": spent.epsilon, "delta": spent.delta}
+    record.client_level = client_level_privacy(strategy)
     record.seconds = time.perf_counter() - started
     return new_arrays, record
 
@@ -206,13 +310,24 @@ def run_federation(
     on_round: RoundCallback,
     central_evaluation: CentralEvaluation | None = None,
     first_round: int = 1,
+    quorum: Quorum = Quorum(),
+    secure: SecureAggregation | None = None,
 ) -> ArrayRecord:
     for server_round in range(first_round, num_rounds + 1):
         arrays, record = run_round(
-            grid, strategy, arrays, server_round, timeout, policy, central_evaluation
+            grid,
+            strategy,
+            arrays,
+            server_round,
+            timeout,
+            policy,
+            central_evaluation,
+            quorum,
+            secure,
         )
         log.info(
-            "round %d/%d: accuracy %.4f, loss %.4f, %d clients, %d failed, %d rejected, %.1fs",
+            "round %d/%d: accuracy %.4f, loss %.4f, %d clients, %d failed, %d rejected, "
+            "%d retries, %.1fs",
             server_round,
             num_rounds,
             record.accuracy,
@@ -220,6 +335,7 @@ def run_federation(
             len(record.clients),
             len(record.failures),
             len(record.rejected),
+            record.retries,
             record.seconds,
         )
         on_round(record, arrays, strategy_state(strategy))

@@ -1,5 +1,6 @@
 """Everything a run leaves on disk, written after each round so a crash loses at most the round in
-flight: `metrics.json`, `metrics.csv`, `checkpoints/round-NNN.safetensors`, `model.safetensors`."""
+flight: `metrics.json`, `metrics.csv`, `clients.csv`, `checkpoints/round-NNN.safetensors`,
+`model.safetensors`; and at the end `report.md` with its plots."""
 
 from __future__ import annotations
 
@@ -26,9 +27,21 @@ from common.checkpoint import (
 )
 from common.run_config import RunConfig
 from server.federation import RoundRecord
-from server.report import plot_rounds
+from server.run_report import write_run_report
 
 CSV_COLUMNS = ("round", "accuracy", "loss", "central_accuracy", "clients", "failed", "seconds")
+CLIENT_COLUMNS = (
+    "round",
+    "id",
+    "name",
+    "num_examples",
+    "accuracy",
+    "loss",
+    "train_examples",
+    "train_seconds",
+    "epsilon",
+    "delta",
+)
 
 
 class ResumeError(RuntimeError):
@@ -61,17 +74,8 @@ class RunRecorder:
         A round counts as complete once its checkpoint and metrics are both on disk; metrics are
         written last, so whatever they list has a checkpoint.
         """
-        path = self.run_dir / "metrics.json"
-        try:
-            previous = json.loads(path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError) as error:
-            raise ResumeError(
-                f"{path}: cannot resume ({error}); is this a run directory?"
-            ) from None
-        rounds = previous.get("rounds", [])
-        if not rounds:
-            raise ResumeError(f"{path}: no complete round to resume from; start the run afresh")
-        last = rounds[-1]["round"]
+        previous = resumable_metrics(self.run_dir)
+        last = previous["rounds"][-1]["round"]
         checkpoint = self.run_dir / "checkpoints" / f"round-{last:03d}.safetensors"
         if not checkpoint.is_file():
             raise ResumeError(f"{checkpoint}: missing; the run directory is incomplete")
@@ -108,7 +112,7 @@ class RunRecorder:
             self.document["error"] = error
         self._write_metrics()
         if self.document["rounds"]:
-            plot_rounds(self.document, self.run_dir / "accuracy_loss.png")
+            write_run_report(self.document, self.run_dir)
 
     def _write_metrics(self) -> None:
         self.document["elapsed_seconds"] = time.time() - self.started
@@ -116,6 +120,21 @@ class RunRecorder:
         write_atomically(
             self.run_dir / "metrics.csv", _rounds_csv(self.document["rounds"]).encode()
         )
+        write_atomically(
+            self.run_dir / "clients.csv", _clients_csv(self.document["rounds"]).encode()
+        )
+
+
+def resumable_metrics(run_dir: Path) -> dict[str, Any]:
+    """A run directory's metrics.json, if it lists at least one complete round to continue."""
+    path = run_dir / "metrics.json"
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ResumeError(f"{path}: cannot resume ({error}); is this a run directory?") from None
+    if not isinstance(previous, dict) or not previous.get("rounds"):
+        raise ResumeError(f"{path}: no complete round to resume from; start the run afresh")
+    return previous
 
 
 def _finite(document: Any) -> Any:
@@ -146,4 +165,16 @@ def _rounds_csv(rounds: list[dict[str, Any]]) -> str:
                 round(entry["seconds"], 3),
             ]
         )
+    return buffer.getvalue()
+
+
+def _clients_csv(rounds: list[dict[str, Any]]) -> str:
+    """One row per client and round (pandas: `read_csv("clients.csv")`); blank where a client did
+    not report a value (not trained this round, or no DP)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, CLIENT_COLUMNS, restval="", extrasaction="ignore")
+    writer.writeheader()
+    for entry in rounds:
+        for client in entry["clients"]:
+            writer.writerow({**client, "round": entry["round"]})
     return buffer.getvalue()

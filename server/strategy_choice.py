@@ -12,6 +12,8 @@ from flwr.serverapp import (
 )
 from flwr.serverapp.strategy import (
     Bulyan,
+    DifferentialPrivacyClientSideAdaptiveClipping,
+    DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideFixedClipping,
     FedAdam,
     FedAvg,
@@ -26,17 +28,19 @@ from flwr.serverapp.strategy import (
 from common.run_config import RunConfig
 
 UNIFORM_WEIGHT = "client-weight"  # every reply carries it as 1
+ADAPTIVE_CLIPPED_COUNT_STDDEV = 2.0  # noise on the clipped-update count (Andrew et al.)
 
 
 def build_strategy(config: RunConfig) -> Strategy:
-    # Wait for every expected client before sampling, else the first round may start with the few
-    # that registered first ("Sampled 2 nodes out of 200").
+    # Flower's sampling blocks, without a timeout, until its minimums are connected: a client that
+    # dropped out for good would stall every later round. So its floor is the quorum; the round
+    # loop waits for the full federation before the first round (`server.federation.await_clients`).
     sampling = {
         "fraction_train": config.fraction_train,
         "fraction_evaluate": config.fraction_evaluate,
-        "min_train_nodes": max(1, math.floor(config.num_clients * config.fraction_train)),
-        "min_evaluate_nodes": max(1, math.floor(config.num_clients * config.fraction_evaluate)),
-        "min_available_nodes": config.num_clients,
+        "min_train_nodes": config.min_train_replies,
+        "min_evaluate_nodes": config.min_train_replies,
+        "min_available_nodes": config.min_train_replies,
     }
     if config.strategy == "fedprox":
         return FedProx(proximal_mu=config.proximal_mu, **sampling)
@@ -65,7 +69,22 @@ def client_level_dp(config: RunConfig, sampling: dict) -> Strategy:
 
     Every sampled client counts equally (`client-weight` = 1 in each reply): the accountant's
     sensitivity bound holds only for a uniform average, not one weighted by claimed examples.
+    Clipping on the client (`client/dp_mods.py`) means the coordinator never receives an
+    unclipped update; adaptive clipping learns the norm, but Flower 1.42 gives its wrapper no
+    accountant, so such a run reports its noise and norm, not an epsilon.
     """
+    average = FedAvg(weighted_by_key=UNIFORM_WEIGHT, **sampling)
+    noise, norm = config.client_dp_noise_multiplier, config.client_dp_clipping_norm
+    num_sampled = max(1, math.floor(config.num_clients * config.fraction_train))
+    if config.client_dp_clipping == "adaptive":
+        return DifferentialPrivacyClientSideAdaptiveClipping(
+            average,
+            noise_multiplier=noise,
+            num_sampled_clients=num_sampled,
+            initial_clipping_norm=norm,
+            # Flower's default (clients / 20) must exceed noise / 2 or the wrapper raises.
+            clipped_count_stddev=max(ADAPTIVE_CLIPPED_COUNT_STDDEV, noise),
+        )
     accountant = RdpAccountant(
         PrivacyConfig(
             target_delta=config.target_delta,
@@ -75,10 +94,15 @@ def client_level_dp(config: RunConfig, sampling: dict) -> Strategy:
             max_epsilon=config.client_dp_max_epsilon,
         )
     )
-    return DifferentialPrivacyServerSideFixedClipping(
-        FedAvg(weighted_by_key=UNIFORM_WEIGHT, **sampling),
-        noise_multiplier=config.client_dp_noise_multiplier,
-        clipping_norm=config.client_dp_clipping_norm,
-        num_sampled_clients=sampling["min_train_nodes"],
+    wrapper = (
+        DifferentialPrivacyClientSideFixedClipping
+        if config.client_dp_clipping == "client"
+        else DifferentialPrivacyServerSideFixedClipping
+    )
+    return wrapper(
+        average,
+        noise_multiplier=noise,
+        clipping_norm=norm,
+        num_sampled_clients=num_sampled,
         accountant=accountant,
     )

@@ -51,15 +51,28 @@ def resolve_scenario_path(name_or_path: str) -> Path:
 
 
 def load_scenario(name_or_path: str, overrides: dict[str, Any] | None = None) -> Scenario:
+    path, document = read_scenario_file(name_or_path)
+    return build_scenario(path, document, overrides)
+
+
+def read_scenario_file(name_or_path: str) -> tuple[Path, dict[str, Any]]:
+    """The file's TOML as written, before any check: sweeps look at it before it becomes runs."""
     path = resolve_scenario_path(name_or_path)
     try:
-        document = tomllib.loads(path.read_text(encoding="utf-8"))
+        return path, tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise ScenarioError(f"{path}: not valid TOML ({error}); fix the file") from None
-    description = document.pop("description", "")
-    resources = _resources(document.pop("resources", {}), path)
+
+
+def build_scenario(
+    path: Path, document: dict[str, Any], overrides: dict[str, Any] | None = None
+) -> Scenario:
+    """One checked scenario from a file's settings, with `overrides` taking precedence."""
+    settings = {**document, **(overrides or {})}
+    description = settings.pop("description", "")
+    resources = _resources(settings.pop("resources", {}), path)
     try:
-        config = RunConfig.from_mapping({**document, **(overrides or {})}, source=str(path))
+        config = RunConfig.from_mapping(settings, source=str(path))
     except RunConfigError as error:
         raise ScenarioError(str(error)) from None
     return Scenario(path.stem, str(description), config, resources)

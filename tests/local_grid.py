@@ -1,7 +1,8 @@
 """An in-process Flower Grid that hands each message to the real ClientApp, for fast loop tests.
 
 It stands in for the SuperLink only: the ClientApp, its handlers, the strategies and Confide's round
-loop are the real ones. A handler that raises becomes an error reply, as a SuperNode would send.
+loop are the real ones. A handler that raises becomes an error reply, as a SuperNode would send;
+a `tamper` hook that returns None drops the reply, as if it had not arrived within the timeout.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ class LocalGrid(Grid):
         client_app: ClientApp,
         run_config: dict,
         node_configs: dict[int, dict],
-        tamper: Callable[[int, Message, Message], Message] | None = None,
+        tamper: Callable[[int, Message, Message], Message | None] | None = None,
     ) -> None:
         TaskIdentity.run_id = RUN_ID
         TaskIdentity.task_id = 1
@@ -56,7 +57,10 @@ class LocalGrid(Grid):
                     Error(code=1, reason=f"{type(error).__name__}: {error}"), reply_to=message
                 )
             reply.metadata.__dict__["_src_node_id"] = node
-            replies.append(self.tamper(node, message, reply) if self.tamper else reply)
+            if self.tamper:
+                reply = self.tamper(node, message, reply)
+            if reply is not None:
+                replies.append(reply)
         return replies
 
     # The round loop never calls these; a SuperLink would.

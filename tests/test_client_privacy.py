@@ -6,9 +6,13 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from flwr.app import ArrayRecord
+from opacus import PrivacyEngine
+from torch.utils.data import DataLoader, TensorDataset
 
 from client.app import app as client_app
+from client.private_training import noise_only_step
 from common.model_factory import build_model
 from common.privacy import epsilon_of
 from common.privacy_ledger import PrivacyLedger
@@ -121,3 +125,38 @@ def test_when_every_budget_is_spent_the_run_stops_with_the_reason(tmp_path):
     config = dp_config(tmp_path, **{"noise-multiplier": 0.5, "target-epsilon": 0.5})
     with pytest.raises(FederationError, match="privacy budget exhausted"):
         run_rounds(config, hospitals(), rounds=1)
+
+
+def test_a_batch_larger_than_a_sites_data_is_refused_before_anything_is_charged(tmp_path):
+    config = dp_config(tmp_path, **{"batch-size": 64})  # switzerland has 30 training records
+    (record,) = run_rounds(config, hospitals(), rounds=1)
+    (refusal,) = [f for f in record.failures if f["stage"] == "train"]
+    assert refusal["reason"].startswith("switzerland: batch-size 64 is larger than")
+    assert "set batch-size to at most 30" in refusal["reason"]
+    assert not (tmp_path / "privacy-ledgers" / "switzerland.json").exists()
+    assert len([c for c in record.clients if "epsilon" in c]) == 3  # the others trained
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_an_empty_poisson_batch_still_takes_a_step_of_pure_noise(mode):
+    """Skipping it would let the released model reveal that no record was drawn."""
+    moved = {}
+    for sigma in (0.0, 1.0):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+        data = TensorDataset(torch.randn(32, 3), torch.randint(0, 2, (32,)))
+        wrapped = PrivacyEngine().make_private(
+            module=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+            data_loader=DataLoader(data, batch_size=8),
+            noise_multiplier=sigma,
+            max_grad_norm=1.0,
+            grad_sample_mode=mode,
+            **({"criterion": torch.nn.CrossEntropyLoss()} if mode == "ghost" else {}),
+        )
+        before = [p.detach().clone() for p in wrapped[0].parameters()]
+        noise_only_step(wrapped[0], wrapped[1])
+        after = list(wrapped[0].parameters())
+        moved[sigma] = max((a - b).abs().max().item() for a, b in zip(after, before, strict=True))
+        assert all(torch.isfinite(p).all() for p in after)
+    assert moved[0.0] == 0.0 and moved[1.0] > 0.0

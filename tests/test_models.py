@@ -126,6 +126,44 @@ def test_tabular_trains_under_privacy_engine_with_positional_batches() -> None:
     assert any(not torch.equal(b, a) for b, a in zip(before, after, strict=True))
 
 
+def clipped_step(model: nn.Module, inputs: tuple[Tensor, ...], mode: str) -> list[Tensor]:
+    """The parameters after one DP-SGD step without noise, clipped under `mode`."""
+    labels = torch.arange(BATCH) % 2
+    loader = DataLoader(TensorDataset(*inputs, labels), batch_size=BATCH)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    ghost = mode == "ghost"
+    wrapped = PrivacyEngine().make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=0.0,
+        max_grad_norm=0.05,  # small enough that every example is clipped
+        poisson_sampling=False,
+        grad_sample_mode=mode,
+        **({"criterion": nn.CrossEntropyLoss()} if ghost else {}),
+    )
+    model, optimizer = wrapped[0], wrapped[1]
+    loss_function = wrapped[2] if ghost else F.cross_entropy
+    optimizer.zero_grad()
+    loss_function(model(*inputs), labels).backward()
+    optimizer.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize(
+    ("make_model", "make_batch"), [(tabular_model, tabular_batch), (text_model, text_batch)]
+)
+def test_ghost_clipping_takes_the_same_step_as_per_sample_clipping(make_model, make_batch):
+    """Ghost clipping (Confide's default) never builds per-sample gradients, yet must clip the
+    same: one noiseless step lands where Opacus' per-sample hooks land."""
+    hooks = clipped_step(make_model(), make_batch(), "hooks")
+    ghost = clipped_step(make_model(), make_batch(), "ghost")
+    start = list(make_model().parameters())
+    assert any(not torch.equal(h, s) for h, s in zip(hooks, start, strict=True))
+    for h, g in zip(hooks, ghost, strict=True):
+        torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------------- behaviour
 
 

@@ -85,7 +85,7 @@ def test_simulate_on_a_users_own_file_and_schema(tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["simulate", "nowhere"], "unknown scenario 'nowhere'; presets: bank, banking77"),
+        (["simulate", "nowhere"], "scenario 'nowhere'; presets: bank, bank-1000, banking77"),
         (["simulate", "heart", "--set", "colour=blue"], "unknown setting 'colour'; valid settings"),
         (["simulate", "heart", "--rounds", "0"], "'num-server-rounds' = 0 is invalid"),
         (["simulate", "heart", "--set", "strategy=magic"], "one of fedavg, fedprox, fedadam"),
@@ -93,6 +93,8 @@ def test_simulate_on_a_users_own_file_and_schema(tmp_path):
         (["simulate", "bank", "--clients", "30000"], "needs at least 60000 records"),
         (["simulate", "heart", "--clients", "7"], "set num-clients=4"),
         (["simulate", "heart", "--partition", "zigzag"], "use iid, dirichlet:ALPHA"),
+        (["simulate", "heart", "--set", "seed=[]"], "'seed' = [] sweeps over nothing"),
+        (["simulate", "heart", "--set", "dropout-fraction=1.5"], "a number in [0, 1]"),
     ],
 )
 def test_bad_input_is_one_clear_line_before_anything_starts(args, message):
@@ -118,3 +120,22 @@ def test_a_data_file_that_breaks_the_schema_lists_every_problem(tmp_path):
     assert result.returncode == 2
     assert "row 6, column 'age'" in result.stderr and "'old'" in result.stderr
     assert "unknown-outcome" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_dp_simulation_keeps_every_client_within_its_budget(tmp_path):
+    result = confide(
+        "simulate", "heart", "--rounds", "2", "--out", str(tmp_path), "--quiet",
+        "--set", "dp=true", "--set", "target-epsilon=1.0",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    rounds = json.loads((tmp_path / "metrics.json").read_text())["rounds"]
+    for entry in rounds:
+        assert len(entry["clients"]) == 4 and entry["failed"] == 0
+        for client in entry["clients"]:
+            assert 0 < client["epsilon"] <= 1.0 and client["delta"] == 1e-5
+    assert 0.9 < rounds[-1]["epsilon_max"] <= 1.0  # calibrated for 2 rounds: the budget is used
+    ledgers = sorted((tmp_path / "privacy-ledgers").glob("*.json"))
+    assert len(ledgers) == 4
+    shown = confide("privacy", str(ledgers[0]))
+    assert shown.returncode == 0 and "of 1" in shown.stdout  # budget left "x of 1"
