@@ -35,6 +35,7 @@ MODELS = {
 }
 BATCH = 64
 WARMUP, STEPS = 5, 40
+REPEATS = 3
 
 
 def time_steps(model_key: str, mode: str) -> dict[str, float]:
@@ -85,32 +86,47 @@ def time_steps(model_key: str, mode: str) -> dict[str, float]:
     return {"step_ms": statistics.median(times) * 1000, "peak_rss_mb": peak_mb}
 
 
+def measure_once(model_key: str, mode: str) -> dict[str, float] | str:
+    """One fresh process: its figures, or the last line of its error."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.privacy", "--one", model_key, mode],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        return result.stderr.strip().splitlines()[-1][:120]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def step_table() -> list[str]:
+    """Every configuration REPEATS times, interleaved, so load on a shared machine falls on all
+    of them alike; the median of the runs' medians, and ratios within each model."""
+    configurations = [(model_key, mode) for model_key in MODELS for mode in MODES]
+    runs: dict[tuple[str, str], list] = {c: [] for c in configurations}
+    for _ in range(REPEATS):
+        for configuration in configurations:
+            runs[configuration].append(measure_once(*configuration))
     lines = [
-        f"Batch {BATCH}, 1 thread, median of {STEPS} steps after {WARMUP} warm-up; each row in a fresh process.",
+        f"Batch {BATCH}, 1 thread, median of {STEPS} steps after {WARMUP} warm-up, each "
+        f"configuration in a fresh process {REPEATS} times, interleaved; median of those.",
         "",
         "| model | mode | ms / step | x non-private | peak RSS (MB) |",
         "| --- | --- | --- | --- | --- |",
     ]
-    for model_key in MODELS:
-        baseline = None
-        for mode in MODES:
-            result = subprocess.run(
-                [sys.executable, "-m", "bench.privacy", "--one", model_key, mode],
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            if result.returncode != 0:
-                error = result.stderr.strip().splitlines()[-1][:120]
-                lines.append(f"| {model_key} | {mode} | fails: {error} | | |")
-                continue
-            figures = json.loads(result.stdout.strip().splitlines()[-1])
-            baseline = baseline or figures["step_ms"]
-            lines.append(
-                f"| {model_key} | {mode} | {figures['step_ms']:.1f} | "
-                f"{figures['step_ms'] / baseline:.2f} | {figures['peak_rss_mb']:.0f} |"
-            )
+    for model_key, mode in configurations:
+        figures = [r for r in runs[model_key, mode] if isinstance(r, dict)]
+        if not figures:
+            lines.append(f"| {model_key} | {mode} | fails: {runs[model_key, mode][0]} | | |")
+            continue
+        step_ms = statistics.median(f["step_ms"] for f in figures)
+        baseline = statistics.median(
+            f["step_ms"] for f in runs[model_key, "non-private"] if isinstance(f, dict)
+        )
+        peak = max(f["peak_rss_mb"] for f in figures)
+        lines.append(
+            f"| {model_key} | {mode} | {step_ms:.1f} | {step_ms / baseline:.2f} | {peak:.0f} |"
+        )
     return lines
 
 

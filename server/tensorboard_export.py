@@ -10,6 +10,8 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 INSTALL_HINT = "--tensorboard needs the tensorboard package: .venv/bin/pip install tensorboard"
 
 
@@ -31,6 +33,6 @@ def export_tensorboard(metrics: dict[str, Any], log_dir: Path) -> None:
                     writer.add_scalar(f"federated/{key}", entry[key], step)
             accuracies = [client["accuracy"] for client in entry["clients"]]
             if accuracies:
-                writer.add_histogram("clients/accuracy", accuracies, step)
+                writer.add_histogram("clients/accuracy", np.asarray(accuracies), step)
     finally:
         writer.close()

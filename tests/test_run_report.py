@@ -16,7 +16,7 @@ from server.app import update_policy
 from server.federation import evaluate_round, run_federation
 from server.run_record import RunRecorder
 from server.strategy_choice import build_strategy
-from server.tensorboard_export import tensorboard_missing
+from server.tensorboard_export import INSTALL_HINT, export_tensorboard
 from tests.local_grid import LocalGrid
 from tests.test_federation import HOSPITALS, initial_arrays
 
@@ -84,14 +84,37 @@ def test_a_private_run_plots_the_epsilon_each_client_spent(tmp_path: Path) -> No
     assert len(epsilons) == 8 and all(0 < value <= 50.0 for value in epsilons)
 
 
-@pytest.mark.skipif(tensorboard_missing() is None, reason="tensorboard is installed here")
+# `confide` as a user without tensorboard runs it: the package hidden from the import system.
+WITHOUT_TENSORBOARD = (
+    "import importlib.util as util; find = util.find_spec; "
+    "util.find_spec = lambda name, *a: None if name == 'tensorboard' else find(name, *a); "
+    "from confide.cli import main; main()"
+)
+
+
 def test_tensorboard_without_the_package_is_a_one_line_error() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "confide", "simulate", "heart", "--tensorboard"],
+        [sys.executable, "-c", WITHOUT_TENSORBOARD, "simulate", "heart", "--tensorboard"],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
     assert result.returncode == 2
-    assert result.stderr.strip() == f"error: {tensorboard_missing()}"
+    assert result.stderr.strip() == f"error: {INSTALL_HINT}"
+
+
+def test_tensorboard_export_holds_each_rounds_metrics(tmp_path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_heart(tmp_path / "run")
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    export_tensorboard(metrics, tmp_path / "tb")
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    accuracy = [(e.step, e.value) for e in events.Scalars("federated/accuracy")]
+    expected = [(r["round"], r["accuracy"]) for r in metrics["rounds"]]
+    assert [step for step, _ in accuracy] == [step for step, _ in expected] == [1, 2]
+    for (_, got), (_, want) in zip(accuracy, expected, strict=True):
+        assert got == pytest.approx(want, rel=1e-6)
+    assert "clients/accuracy" in events.Tags()["histograms"]
