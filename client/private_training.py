@@ -20,6 +20,7 @@ from torch.nn import functional as F
 
 from client.training import make_optimizer, train_epochs
 from common.evaluation import LocalResult, make_loader
+from common.models import TextTransformer
 from common.privacy import (
     HistoryEntry,
     PrivacyBudget,
@@ -75,6 +76,16 @@ def noise_for_run(
     return _calibrated_sigma(budget, sample_rate, steps, config.num_server_rounds, earlier)
 
 
+def opacus_mode(config: RunConfig, model: nn.Module) -> str:
+    """`auto` picks the fastest mode measured per model (bench/privacy.py, BENCHMARKS.md): ghost
+    clipping for the text model (3.0x a non-private step, where per-sample hooks cost 8.7x by
+    copying the 8192 x 64 token table once per example), per-sample hooks for the small tabular
+    model (2.3x; ghost's second backward pass costs more there, 3.2x)."""
+    if config.dp_mode != "auto":
+        return config.dp_mode
+    return "ghost" if isinstance(model, TextTransformer) else "hooks"
+
+
 def noise_only_step(model: nn.Module, optimizer: DPOptimizer) -> None:
     """An empty Poisson batch still takes its step, of noise alone: skipping it would make the
     released model depend on whether any record was drawn, which DP-SGD's accounting excludes."""
@@ -126,7 +137,8 @@ def train_privately(
         warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
         warnings.filterwarnings("ignore", message=".*[Ff]ull backward hook.*")
         engine = PrivacyEngine(accountant=budget.accountant)
-        ghost = config.dp_mode == "ghost"
+        mode = opacus_mode(config, model)
+        ghost = mode == "ghost"
         wrapped = engine.make_private(
             module=model.to(device),
             optimizer=optimizer,
@@ -134,7 +146,7 @@ def train_privately(
             noise_multiplier=sigma,
             max_grad_norm=budget.max_grad_norm,
             poisson_sampling=True,
-            grad_sample_mode=config.dp_mode,
+            grad_sample_mode=mode,
             **({"criterion": nn.CrossEntropyLoss()} if ghost else {}),
         )
         # Ghost clipping also wraps the loss: its backward runs the two passes that clip.

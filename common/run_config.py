@@ -35,7 +35,7 @@ STRATEGIES = (
 NORM_ACTIONS = ("reject", "clip")
 OPTIMIZERS = ("adam", "sgd")
 HOLDOUTS = ("test", "validation")
-DP_MODES = ("hooks", "ew", "functorch", "ghost")
+DP_MODES = ("auto", "hooks", "ew", "functorch", "ghost")
 SECAGG_MODULUS = 2**32  # SecAgg+'s masking modulus (Flower's default, and its maximum)
 CLIENT_DP_CLIPPING = ("server", "client", "adaptive")
 

@@ -12,7 +12,7 @@ from opacus import PrivacyEngine
 from torch.utils.data import DataLoader, TensorDataset
 
 from client.app import app as client_app
-from client.private_training import noise_only_step
+from client.private_training import noise_only_step, opacus_mode
 from common.model_factory import build_model
 from common.privacy import epsilon_of
 from common.privacy_ledger import PrivacyLedger
@@ -160,3 +160,12 @@ def test_an_empty_poisson_batch_still_takes_a_step_of_pure_noise(mode):
         moved[sigma] = max((a - b).abs().max().item() for a, b in zip(after, before, strict=True))
         assert all(torch.isfinite(p).all() for p in after)
     assert moved[0.0] == 0.0 and moved[1.0] > 0.0
+
+
+@pytest.mark.parametrize(("task", "expected"), [("heart", "hooks"), ("banking77", "ghost")])
+def test_auto_picks_the_opacus_mode_measured_fastest_for_the_model(task, expected):
+    config = RunConfig.from_mapping({"task": task})
+    model = build_model(task_schema(config), config)
+    assert opacus_mode(config, model) == expected
+    chosen = RunConfig.from_mapping({"task": task, "dp-mode": "functorch"})
+    assert opacus_mode(chosen, model) == "functorch"
