@@ -168,12 +168,13 @@ class Federation:
             self.root / "coordinator.log",
         )  # fmt: skip
         coordinator = self.coordinator
-        wait_for(
-            lambda: self.status().get("status") == "ready" or not coordinator.alive(),
-            START_TIMEOUT,
-            "the coordinator",
-        )
-        assert self.status().get("status") == "ready", coordinator.output()[-3000:]
+
+        def ready() -> bool:  # this process's status: a killed predecessor's file says "ready" too
+            status = self.status()
+            return status.get("status") == "ready" and status.get("pid") == coordinator.popen.pid
+
+        wait_for(lambda: ready() or not coordinator.alive(), START_TIMEOUT, "the coordinator")
+        assert ready(), coordinator.output()[-3000:]
 
     def join_args(self, name: str, **overrides: str) -> list[str]:
         site, role = SITES.get(name, ("cleveland", "hospital"))
