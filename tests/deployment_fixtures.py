@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -214,6 +214,21 @@ def make_federation(root: Path) -> Federation:
 
 
 # ------------------------------------------------------------------------------ certificates
+
+
+@contextlib.contextmanager
+def running_federation(root: Path) -> Iterator[Federation]:
+    """A TLS coordinator and both invited sites; afterwards everything stopped, and checked so."""
+    require_nginx()
+    fed = make_federation(root)
+    try:
+        fed.start_coordinator()
+        for name in SITES:
+            fed.start_site(name)
+        yield fed
+    finally:
+        fed.stop()
+        assert_nothing_left(str(root))
 
 
 def reissue_expired(certs: CertsLayout, target: Path, *, ca: bool = False) -> None:

@@ -32,12 +32,11 @@ from server.coordinator import StateLayout
 from server.coordinator_run import connect
 from tests.deployment_fixtures import (
     Federation,
-    assert_nothing_left,
     confide,
     leftovers,
-    make_federation,
     reissue_expired,
     require_nginx,
+    running_federation,
     wait_for,
     write_site,
 )
@@ -277,17 +276,8 @@ def test_data_problems_are_all_listed_like_simulate(cli, tmp_path):
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory) -> Iterator[Federation]:
-    require_nginx()
-    root = tmp_path_factory.mktemp("federation")
-    fed = make_federation(root)
-    try:
-        fed.start_coordinator()
-        for name in ("hospital-1", "bank-1"):
-            fed.start_site(name)
+    with running_federation(tmp_path_factory.mktemp("federation")) as fed:
         yield fed
-    finally:
-        fed.stop()
-        assert_nothing_left(str(root))
 
 
 def _attacker_home(fed: Federation) -> Path:

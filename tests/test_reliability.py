@@ -23,13 +23,10 @@ from server.coordinator import CoordinatorError, StateLayout
 from server.coordinator_run import RunRequest, connect, run_config_for
 from simulations.progress import read_metrics
 from tests.deployment_fixtures import (
-    SITES,
     Background,
     Federation,
-    assert_nothing_left,
     confide,
-    make_federation,
-    require_nginx,
+    running_federation,
     wait_for,
 )
 
@@ -44,17 +41,8 @@ SETTINGS = ["--set", "local-epochs=1", "--set", f"round-timeout={ROUND_TIMEOUT}"
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory) -> Iterator[Federation]:
-    require_nginx()
-    root = tmp_path_factory.mktemp("faults")
-    fed = make_federation(root)
-    try:
-        fed.start_coordinator()
-        for name in SITES:
-            fed.start_site(name)
+    with running_federation(tmp_path_factory.mktemp("faults")) as fed:
         yield fed
-    finally:
-        fed.stop()
-        assert_nothing_left(str(root))
 
 
 def kill_tree(pid: int) -> None:
