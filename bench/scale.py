@@ -308,6 +308,14 @@ def _versions() -> str:
     )
 
 
+def speedup(run: RunResult | None, reference: RunResult | None) -> float | None:
+    """`run`'s steady client-rounds per second over `reference`'s, when both were measured."""
+    key = "client_rounds_per_s"
+    if run and reference and run.steady.get(key) and reference.steady.get(key):
+        return run.steady[key] / reference.steady[key]
+    return None
+
+
 def report(results: list[RunResult], args: argparse.Namespace, load: tuple[float, ...]) -> str:
     by = {(r.variant, r.clients): r for r in results}
     lines = [
@@ -359,29 +367,14 @@ def report(results: list[RunResult], args: argparse.Namespace, load: tuple[float
         )
     lines += ["", "## Goals", ""]
     for n in args.sizes:
-        c, b = by.get(("confide", n)), by.get(("baseline", n))
-        if c and b and c.steady.get("client_rounds_per_s") and b.steady.get("client_rounds_per_s"):
-            ratio = c.steady["client_rounds_per_s"] / b.steady["client_rounds_per_s"]
+        c = by.get(("confide", n))
+        if (ratio := speedup(c, by.get(("baseline", n)))) is not None:
             goal = " (goal >= 1.5 at 1,000)" if n == 1000 else ""
             lines.append(f"- N={n}: Confide / baseline client-rounds/s = **{ratio:.1f}x**{goal}")
-        bc = by.get(("baseline-cached", n))
-        if (
-            c
-            and bc
-            and bc.steady.get("client_rounds_per_s")
-            and c.steady.get("client_rounds_per_s")
-        ):
-            ratio = c.steady["client_rounds_per_s"] / bc.steady["client_rounds_per_s"]
+        if (ratio := speedup(c, by.get(("baseline-cached", n)))) is not None:
             lines.append(f"- N={n}: Confide / baseline-cached client-rounds/s = **{ratio:.1f}x**")
         for name in PATCHES:
-            p = by.get((name, n))
-            if (
-                c
-                and p
-                and p.steady.get("client_rounds_per_s")
-                and c.steady.get("client_rounds_per_s")
-            ):
-                ratio = p.steady["client_rounds_per_s"] / c.steady["client_rounds_per_s"]
+            if (ratio := speedup(by.get((name, n)), c)) is not None:
                 lines.append(f"- N={n}: {name} / Confide client-rounds/s = **{ratio:.1f}x**")
     for n in (100, 1000):
         for variant in ("confide", *PATCHES):
