@@ -8,6 +8,8 @@ DP-SGD) with or without secure aggregation, and masking happens after DP-SGD's c
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
@@ -15,7 +17,7 @@ from flwr.common import Code, FitRes, Status, bytes_to_ndarray, ndarrays_to_para
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 
 from common.model_factory import build_model
-from common.run_config import RunConfig
+from common.run_config import RunConfig, cached_run_config
 from common.tasks import task_schema
 
 LEGACY_PARAMETERS = "fitins.parameters"
@@ -30,7 +32,7 @@ def secure_aggregation(msg: Message, context: Context, call_next: ClientAppCalla
     """Attached to the train handler only; runs without secagg pass straight through."""
     if not context.run_config.get("secagg"):
         return call_next(msg, context)
-    config = RunConfig.from_mapping(context.run_config)
+    config = cached_run_config(context.run_config)
 
     def train_legacy(legacy: Message, node_context: Context) -> Message:
         legacy.content = _as_train_content(legacy.content, config)
@@ -42,9 +44,15 @@ def secure_aggregation(msg: Message, context: Context, call_next: ClientAppCalla
     return secaggplus_mod(msg, context, train_legacy)
 
 
+@lru_cache(maxsize=2)
+def _parameter_names(config: RunConfig) -> tuple[str, ...]:
+    """Built once per process, not once per secure round: only the names are wanted."""
+    return tuple(build_model(task_schema(config), config).state_dict())
+
+
 def _as_train_content(legacy: RecordDict, config: RunConfig) -> RecordDict:
     """Legacy parameters are an unnamed list in state-dict order; the model gives back the names."""
-    names = build_model(task_schema(config), config).state_dict().keys()
+    names = _parameter_names(config)
     arrays = [bytes_to_ndarray(array.data) for array in legacy[LEGACY_PARAMETERS].values()]
     return RecordDict(
         {
