@@ -16,9 +16,11 @@ rounds (round 2 on: round 1 pays for Ray's and the workers' warm-up):
 Variants:
 - confide: `confide simulate bank ...` exactly as a user runs it.
 - confide-patched: the same with the library changes proposed in `bench/patched_confide.py`
-  applied by monkeypatching (evidence for them; not what Confide does today): `dispatch` (one pass
-  over Flower's message store per sweep instead of one per node) and `nice` (Ray workers at
-  niceness 0 instead of 15; Confide now does this itself). confide-dispatch has `dispatch` alone.
+  applied by monkeypatching (the evidence for them): `dispatch` (one pass over Flower's message
+  store per sweep instead of one per node) and `nice` (Ray workers at niceness 0 instead of 15).
+  confide-dispatch has `dispatch` alone. Confide now does both itself (`simulations/dispatch.py`,
+  `simulations/engine.py`), so these variants now run what `confide` runs; the recorded results
+  compare them with Confide before that.
 - baseline: `bench/baseline_app`, a quickstart-style Flower app (data read and encoded inside each
   handler call, Flower's default 2 CPUs per virtual client). It is slow, so at 100 and 1,000 clients
   it samples `--baseline-clients-per-round` clients per round (FedAvg's fraction-train/evaluate)

@@ -22,6 +22,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.supercore.telemetry import EventType
 
 from common.run_config import PROJECT_ROOT, RunConfig
+from simulations.dispatch import install_one_pass_dispatch
 
 SERVER_APP = "server.app:app"
 CLIENT_APP = "client.app:app"
@@ -58,6 +59,7 @@ def run_in_simulation(config: RunConfig, resources: Resources, verbose: bool = F
     os.environ.setdefault("RAY_worker_niceness", "0")
     from flwr.simulation.run_simulation import _run_simulation  # imports Ray: only when running
 
+    install_one_pass_dispatch()  # Flower's per-node message scan, see simulations/dispatch.py
     run = _new_run(config)
     context = Context(
         run_id=run.run_id,
