@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
-from opacus import PrivacyEngine
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 from torch.nn import functional as F
 
+from client.dp_optimizer import FlatPrivacyEngine
 from client.training import make_optimizer, train_epochs
 from common.evaluation import LocalResult, make_loader
 from common.models import TextTransformer
@@ -76,14 +76,21 @@ def noise_for_run(
     return _calibrated_sigma(budget, sample_rate, steps, config.num_server_rounds, earlier)
 
 
-def opacus_mode(config: RunConfig, model: nn.Module) -> str:
-    """`auto` picks the fastest mode measured per model (bench/privacy.py, BENCHMARKS.md): ghost
-    clipping for the text model (3.0x a non-private step, where per-sample hooks cost 8.7x by
-    copying the 8192 x 64 token table once per example), per-sample hooks for the small tabular
-    model (2.3x; ghost's second backward pass costs more there, 3.2x)."""
-    if config.dp_mode != "auto":
-        return config.dp_mode
-    return "ghost" if isinstance(model, TextTransformer) else "hooks"
+def opacus_mode(config: RunConfig) -> str:
+    """`auto` is torch's expanded weights (`ew`) for both models, the fastest measured with
+    Confide's flat optimizer (bench/privacy.py, BENCHMARKS.md: tabular 1.7x a non-private step
+    against hooks 2.0x and ghost 3.2x; text, token table frozen, 1.5x against hooks 1.9x). `ew`
+    cannot run an empty Poisson batch; `noise_only_step` takes that step without a forward pass."""
+    return "ew" if config.dp_mode == "auto" else config.dp_mode
+
+
+def freeze_token_table(model: nn.Module, config: RunConfig) -> None:
+    """Under DP the text model's hashed-word table (8192 x width, ~90% of its parameters) stays
+    as the coordinator sent it: a step touches a few dozen of its rows yet would noise all of
+    them, and its per-sample gradients are a full copy of the table per example. A random, fixed
+    table still tells words apart; the blocks above it learn."""
+    if isinstance(model, TextTransformer) and config.dp_token_embedding == "frozen":
+        model.token.weight.requires_grad_(False)
 
 
 def noise_only_step(model: nn.Module, optimizer: DPOptimizer) -> None:
@@ -127,6 +134,7 @@ def train_privately(
         budget, LedgerEntry(run_id, server_round, sigma, sample_rate, steps)
     )
 
+    freeze_token_table(model, config)
     optimizer = make_optimizer(
         config.dp_optimizer, model, config.dp_learning_rate, config.weight_decay
     )
@@ -136,8 +144,8 @@ def train_privately(
         # need no gradient, which is true of every model here.
         warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
         warnings.filterwarnings("ignore", message=".*[Ff]ull backward hook.*")
-        engine = PrivacyEngine(accountant=budget.accountant)
-        mode = opacus_mode(config, model)
+        engine = FlatPrivacyEngine(accountant=budget.accountant)
+        mode = opacus_mode(config)
         ghost = mode == "ghost"
         wrapped = engine.make_private(
             module=model.to(device),

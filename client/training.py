@@ -21,11 +21,10 @@ def choose_device() -> torch.device:
 def make_optimizer(
     name: str, model: nn.Module, learning_rate: float, weight_decay: float
 ) -> torch.optim.Optimizer:
+    trainable = [p for p in model.parameters() if p.requires_grad]
     if name == "sgd":
-        return torch.optim.SGD(
-            model.parameters(), lr=learning_rate, momentum=0.9, weight_decay=weight_decay
-        )
-    return torch.optim.Adam(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
+        return torch.optim.SGD(trainable, lr=learning_rate, momentum=0.9, weight_decay=weight_decay)
+    return torch.optim.Adam(trainable, lr=learning_rate, weight_decay=weight_decay)
 
 
 LossFunction = Callable[[Tensor, Tensor], Tensor]

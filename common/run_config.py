@@ -36,6 +36,7 @@ NORM_ACTIONS = ("reject", "clip")
 OPTIMIZERS = ("adam", "sgd")
 HOLDOUTS = ("test", "validation")
 DP_MODES = ("auto", "hooks", "ew", "functorch", "ghost")
+TOKEN_EMBEDDINGS = ("frozen", "trained")
 SECAGG_MODULUS = 2**32  # SecAgg+'s masking modulus (Flower's default, and its maximum)
 CLIENT_DP_CLIPPING = ("server", "client", "adaptive")
 
@@ -88,6 +89,7 @@ class RunConfig:
     physical_batch_size: int
     dp_optimizer: str
     dp_learning_rate: float
+    dp_token_embedding: str
     client_dp: bool
     client_dp_clipping: str
     client_dp_noise_multiplier: float
@@ -206,6 +208,11 @@ class RunConfig:
             ("noise-multiplier", self.noise_multiplier >= 0, "0 (calibrate) or a sigma > 0"),
             ("dp-mode", self.dp_mode in DP_MODES, f"one of {', '.join(DP_MODES)}"),
             ("physical-batch-size", self.physical_batch_size >= 1, "an integer >= 1"),
+            (
+                "dp-token-embedding",
+                self.dp_token_embedding in TOKEN_EMBEDDINGS,
+                f"one of {', '.join(TOKEN_EMBEDDINGS)}",
+            ),
             ("vocab-size", self.vocab_size >= 3, "an integer >= 3"),
         ]
         for key, ok, expected in checks:

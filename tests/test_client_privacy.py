@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 from flwr.app import ArrayRecord
-from opacus import PrivacyEngine
 from torch.utils.data import DataLoader, TensorDataset
 
 from client.app import app as client_app
-from client.private_training import noise_only_step, opacus_mode
+from client.dp_optimizer import FlatPrivacyEngine
+from client.private_training import freeze_token_table, noise_only_step, opacus_mode
 from common.model_factory import build_model
 from common.privacy import epsilon_of
 from common.privacy_ledger import PrivacyLedger
@@ -137,7 +137,7 @@ def test_a_batch_larger_than_a_sites_data_is_refused_before_anything_is_charged(
     assert len([c for c in record.clients if "epsilon" in c]) == 3  # the others trained
 
 
-@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+@pytest.mark.parametrize("mode", ["hooks", "ew", "ghost"])
 def test_an_empty_poisson_batch_still_takes_a_step_of_pure_noise(mode):
     """Skipping it would let the released model reveal that no record was drawn."""
     moved = {}
@@ -145,7 +145,7 @@ def test_an_empty_poisson_batch_still_takes_a_step_of_pure_noise(mode):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(3, 2))
         data = TensorDataset(torch.randn(32, 3), torch.randint(0, 2, (32,)))
-        wrapped = PrivacyEngine().make_private(
+        wrapped = FlatPrivacyEngine().make_private(
             module=model,
             optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
             data_loader=DataLoader(data, batch_size=8),
@@ -162,10 +162,16 @@ def test_an_empty_poisson_batch_still_takes_a_step_of_pure_noise(mode):
     assert moved[0.0] == 0.0 and moved[1.0] > 0.0
 
 
-@pytest.mark.parametrize(("task", "expected"), [("heart", "hooks"), ("banking77", "ghost")])
-def test_auto_picks_the_opacus_mode_measured_fastest_for_the_model(task, expected):
-    config = RunConfig.from_mapping({"task": task})
+def test_auto_is_expanded_weights_and_a_chosen_mode_is_kept():
+    assert opacus_mode(RunConfig.from_mapping({"task": "banking77"})) == "ew"
+    assert opacus_mode(RunConfig.from_mapping({"dp-mode": "functorch"})) == "functorch"
+
+
+@pytest.mark.parametrize(("setting", "trains_token_table"), [("frozen", False), ("trained", True)])
+def test_under_dp_the_text_models_token_table_is_frozen_unless_asked(setting, trains_token_table):
+    config = RunConfig.from_mapping({"task": "banking77", "dp-token-embedding": setting})
     model = build_model(task_schema(config), config)
-    assert opacus_mode(config, model) == expected
-    chosen = RunConfig.from_mapping({"task": task, "dp-mode": "functorch"})
-    assert opacus_mode(chosen, model) == "functorch"
+    freeze_token_table(model, config)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert ("token.weight" in trainable) is trains_token_table
+    assert "position.weight" in trainable and "head.weight" in trainable
