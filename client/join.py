@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from client.local_data import DATA_PATH_KEY, LEDGER_PATH_KEY, NAME_KEY
 from common.certificates import CertificateError, verify_server_certificate
+from common.file_reading import read_named_file
 from common.flower_args import FlowerArgumentError, key_values
 from common.partition import site_split
 from common.processes import (
@@ -141,16 +142,7 @@ def check_data(settings: JoinSettings) -> int:
 
 
 def _read(path: Path, what: str, option: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise JoinError(f"{path}: {what} not found; check {option}") from None
-    except IsADirectoryError:
-        raise JoinError(f"{path}: is a directory; {option} takes the {what} file") from None
-    except OSError as error:
-        raise JoinError(
-            f"{path}: {what} unreadable ({error.strerror}); fix its permissions"
-        ) from None
+    return read_named_file(path, what, f"check {option}", JoinError)
 
 
 def check_private_key(path: Path) -> None:

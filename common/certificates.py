@@ -51,6 +51,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from common.file_reading import read_named_file
+
 __all__ = [
     "CertificateError",
     "CertificateInfo",
@@ -465,18 +467,7 @@ def _spki(key: Any) -> bytes:
 
 
 def _read(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise CertificateError(
-            f"{path}: {what} not found; check the path or {_INIT_HINT}"
-        ) from None
-    except IsADirectoryError:
-        raise CertificateError(f"{path}: is a directory, expected the {what} file") from None
-    except OSError as err:
-        raise CertificateError(
-            f"{path}: {what} unreadable ({err.strerror}); fix its permissions"
-        ) from None
+    return read_named_file(path, what, f"check the path or {_INIT_HINT}", CertificateError)
 
 
 def _load_cert(path: Path) -> x509.Certificate:

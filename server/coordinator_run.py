@@ -56,6 +56,11 @@ def connect(state: Path) -> tuple[ControlConnection, dict[str, Any]]:
     """The Control API of the coordinator running for `state`, or a one-line error."""
     layout = StateLayout(state.resolve())
     status = running_status(layout.root)
+    if status is not None and status.get("status") == "starting":
+        raise CoordinatorError(
+            f"{layout.status_file}: the coordinator for {layout.root} is still starting; "
+            "run this again once `confide coordinator status` says ready"
+        )
     if status is None or status.get("status") != "ready":
         raise CoordinatorError(
             f"{layout.status_file}: no coordinator is running for {layout.root}; start it with "

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 
+from common.received_weights import ndarray
+
 
 @dataclass(frozen=True)
 class UpdatePolicy:
@@ -53,10 +55,10 @@ def screen_update(reply: Message, global_arrays: ArrayRecord, policy: UpdatePoli
                 f"'{name}' is {received.dtype}{list(received.shape)}, "
                 f"expected {expected.dtype}{list(expected.shape)}"
             )
-        values = received.numpy()
+        values = ndarray(received)
         if not np.all(np.isfinite(values)):
             return f"'{name}' holds NaN or infinite values"
-        deltas[name] = values.astype(np.float64) - expected.numpy().astype(np.float64)
+        deltas[name] = values.astype(np.float64) - ndarray(expected).astype(np.float64)
 
     if policy.max_update_norm <= 0:
         return None

@@ -81,6 +81,19 @@ def test_superlink_waits_longer_for_sqlite_locks(monkeypatch):
     assert ("journal_mode", "WAL") in sql_mixin.SQLITE_PRAGMAS  # the rest untouched
 
 
+@pytest.mark.parametrize(
+    ("status", "message"),
+    [("starting", "is still starting"), ("stopped", "no coordinator is running")],
+)
+def test_a_run_submitted_too_early_or_too_late_says_which(tmp_path, status, message):
+    from server.coordinator import CoordinatorError
+
+    layout = StateLayout(tmp_path)
+    layout.status_file.write_text(json.dumps({"status": status, "pid": os.getpid()}))
+    with pytest.raises(CoordinatorError, match=message):
+        connect(tmp_path)
+
+
 def test_node_config_survives_flowers_parser():
     from flwr.common.config import parse_config_args
 
