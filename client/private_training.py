@@ -7,6 +7,7 @@ model and PrivacyEngine each round: wrapping a module twice would add Opacus' ho
 
 from __future__ import annotations
 
+import secrets
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -84,6 +85,12 @@ def opacus_mode(config: RunConfig) -> str:
     return "ew" if config.dp_mode == "auto" else config.dp_mode
 
 
+def _unpredictable_generator(device: torch.device) -> torch.Generator:
+    """torch's default generator starts from a fixed seed, so a fresh process draws the same
+    "noise" every time; this one is seeded from the OS. (Not a CSPRNG: see docs/privacy.md.)"""
+    return torch.Generator(device=device).manual_seed(secrets.randbits(63))
+
+
 def freeze_token_table(model: nn.Module, config: RunConfig) -> None:
     """Under DP the text model's hashed-word table (8192 x width, ~90% of its parameters) stays
     as the coordinator sent it: a step touches a few dozen of its rows yet would noise all of
@@ -124,9 +131,10 @@ def train_privately(
             "training records: every step would use every record, so sampling could not hide "
             f"any of them; set batch-size to at most {len(train_set)}"
         )
-    loader = make_loader(
-        train_set, config.batch_size, shuffle=True, seed=config.seed + server_round
-    )
+    # Poisson sampling and the noise draw from the OS's entropy, never from the run's seed: the
+    # coordinator knows that seed, and with it could replay which records each step sampled
+    # (voiding the amplification the accountant counts on) and subtract the noise.
+    loader = make_loader(train_set, config.batch_size, shuffle=True, seed=secrets.randbits(63))
     sample_rate = 1 / len(loader)  # what Opacus' Poisson sampler uses
     steps = len(loader) * config.local_epochs
     sigma = noise_for_run(config, budget, ledger, run_id, sample_rate, steps)
@@ -154,6 +162,7 @@ def train_privately(
             noise_multiplier=sigma,
             max_grad_norm=budget.max_grad_norm,
             poisson_sampling=True,
+            noise_generator=_unpredictable_generator(device),
             grad_sample_mode=mode,
             **({"criterion": nn.CrossEntropyLoss()} if ghost else {}),
         )

@@ -12,7 +12,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from client.app import app as client_app
 from client.dp_optimizer import FlatPrivacyEngine
-from client.private_training import freeze_token_table, noise_only_step, opacus_mode
+from client.local_data import load_local_split
+from client.private_training import (
+    freeze_token_table,
+    noise_only_step,
+    opacus_mode,
+    train_privately,
+)
 from common.model_factory import build_model
 from common.privacy import epsilon_of
 from common.privacy_ledger import PrivacyLedger
@@ -175,3 +181,27 @@ def test_under_dp_the_text_models_token_table_is_frozen_unless_asked(setting, tr
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert ("token.weight" in trainable) is trains_token_table
     assert "position.weight" in trainable and "head.weight" in trainable
+
+
+def test_sampling_and_noise_cannot_be_replayed_from_the_run_seed(tmp_path):
+    """The coordinator knows the run's seed and torch's default generator starts from a fixed
+    one; a DP round drawn from either could be replayed, the noise subtracted."""
+    config = dp_config(tmp_path, **{"noise-multiplier": 1.0, "target-epsilon": 10.0})
+    split = load_local_split(config, {"partition-id": 0, "num-partitions": 4})
+    weights = []
+    for attempt in range(2):
+        torch.manual_seed(0)  # the same process state both times
+        model = build_model(task_schema(config), config)
+        ledger = PrivacyLedger.open(tmp_path / f"ledger-{attempt}.json", "fingerprint")
+        train_privately(
+            model,
+            split.train,
+            config,
+            config.privacy_budget(),
+            ledger,
+            "run",
+            1,
+            torch.device("cpu"),
+        )
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert not torch.equal(*weights)

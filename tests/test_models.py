@@ -153,15 +153,17 @@ def clipped_step(model: nn.Module, inputs: tuple[Tensor, ...], mode: str) -> lis
 @pytest.mark.parametrize(
     ("make_model", "make_batch"), [(tabular_model, tabular_batch), (text_model, text_batch)]
 )
-def test_ghost_clipping_takes_the_same_step_as_per_sample_clipping(make_model, make_batch):
-    """Ghost clipping (Confide's default) never builds per-sample gradients, yet must clip the
-    same: one noiseless step lands where Opacus' per-sample hooks land."""
+@pytest.mark.parametrize("mode", ["ew", "ghost"])
+def test_every_mode_takes_the_same_step_as_per_sample_hooks(make_model, make_batch, mode):
+    """Expanded weights (Confide's default) and ghost clipping compute per-sample gradients, or
+    their norms, their own way, yet must clip the same: one noiseless step lands where Opacus'
+    per-sample hooks land (and those match a loop over single examples, above)."""
     hooks = clipped_step(make_model(), make_batch(), "hooks")
-    ghost = clipped_step(make_model(), make_batch(), "ghost")
+    other = clipped_step(make_model(), make_batch(), mode)
     start = list(make_model().parameters())
     assert any(not torch.equal(h, s) for h, s in zip(hooks, start, strict=True))
-    for h, g in zip(hooks, ghost, strict=True):
-        torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-6)
+    for h, o in zip(hooks, other, strict=True):
+        torch.testing.assert_close(o, h, rtol=1e-4, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------- behaviour
