@@ -79,9 +79,10 @@ def noise_for_run(
 
 def opacus_mode(config: RunConfig) -> str:
     """`auto` is torch's expanded weights (`ew`) for both models, the fastest measured with
-    Confide's flat optimizer (bench/privacy.py, BENCHMARKS.md: tabular 1.7x a non-private step
-    against hooks 2.0x and ghost 3.2x; text, token table frozen, 1.5x against hooks 1.9x). `ew`
-    cannot run an empty Poisson batch; `noise_only_step` takes that step without a forward pass."""
+    Confide's flat optimizer (bench/privacy.py, BENCHMARKS.md, batch 64 on a CPU): tabular 1.31x
+    a non-private step against hooks 1.66x and ghost 3.12x; text, token table frozen, 1.63x
+    against hooks 2.18x and ghost 2.78x. `ew` cannot run an empty Poisson batch;
+    `noise_only_step` takes that step without a forward pass."""
     return "ew" if config.dp_mode == "auto" else config.dp_mode
 
 
