@@ -27,6 +27,9 @@ Variants:
   and the full round is extrapolated as N / (client-rounds per second).
 - baseline-cached: the baseline with the data loaded once per worker (as Flower's real quickstart
   does with its global `fds`), to separate framework overhead from data loading.
+- flower-floor: the baseline app whose handlers reply at once (the received weights back, no data,
+  no training), every client every round, 1 CPU per client as Confide: what Flower's simulation
+  engine itself costs per client-round, the floor under any ClientApp.
 """
 
 from __future__ import annotations
@@ -60,7 +63,8 @@ PATCHES = {
     "confide-dispatch": "dispatch",
     "confide-patched": "dispatch,nice",
 }
-VARIANTS = ("confide", *PATCHES, "baseline", "baseline-cached")
+BARE_FLOWER = ("baseline", "baseline-cached", "flower-floor")  # bench/baseline_app variants
+VARIANTS = ("confide", *PATCHES, *BARE_FLOWER)
 MiB = 1024 * 1024
 
 
@@ -112,6 +116,8 @@ def _baseline_command(
         command += ["--clients-per-round", str(per_round)]
     if variant == "baseline-cached":
         command.append("--cache-data")
+    if variant == "flower-floor":
+        command += ["--noop", "--confide-engine"]
     return command
 
 
@@ -149,7 +155,7 @@ def run_one(
     out = work / f"{variant}-{clients}"
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ}
-    if variant.startswith("baseline"):
+    if variant in BARE_FLOWER:
         timing = out / "rounds.jsonl"
         timing.unlink(missing_ok=True)
         command = _baseline_command(variant, clients, rounds, per_round, timing)
@@ -165,7 +171,7 @@ def run_one(
     )
     print(f"\n== {variant} N={clients}: {shown}", flush=True)
     log_path = out / "run.log"
-    watcher = _RoundWatcher(watched, variant.startswith("baseline"))
+    watcher = _RoundWatcher(watched, variant in BARE_FLOWER)
     started = time.time()
     with log_path.open("w") as log:
         process = subprocess.Popen(
@@ -207,7 +213,7 @@ def _read_rounds(variant: str, path: Path, watcher: _RoundWatcher) -> list[Round
     if not path.exists():
         return []
     rounds = []
-    if variant.startswith("baseline"):
+    if variant in BARE_FLOWER:
         lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         for previous, line in itertools.pairwise(lines):
             rounds.append(
@@ -450,14 +456,13 @@ def main() -> None:
                 continue  # the cached baseline answers one question: framework cost at the top N
             if variant in PATCHES and n != max(args.sizes):
                 continue
-            if variant.startswith("baseline"):
+            if variant in BARE_FLOWER:
                 rounds, timeout = args.baseline_rounds, args.baseline_timeout
             else:
                 rounds = args.rounds_1000 if n >= 1000 and variant == "confide" else args.rounds
                 timeout = args.timeout
-            results.append(
-                run_one(variant, n, rounds, work, args.baseline_clients_per_round, timeout)
-            )
+            per_round = 0 if variant == "flower-floor" else args.baseline_clients_per_round
+            results.append(run_one(variant, n, rounds, work, per_round, timeout))
     text = report(results, args, load)
     print("\n" + text)
     out = Path(args.out)

@@ -30,6 +30,13 @@ def main() -> None:
         help="sample this many clients per round (0: all), via fraction-train/evaluate",
     )
     parser.add_argument("--cache-data", action="store_true")
+    parser.add_argument("--noop", action="store_true", help="handlers reply at once (the floor)")
+    parser.add_argument(
+        "--confide-engine",
+        action="store_true",
+        help="the engine as Confide runs it: 1 CPU per client, workers at niceness 0, one-pass "
+        "message dispatch (simulations/dispatch.py)",
+    )
     parser.add_argument("--timing-file", default="")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
@@ -53,6 +60,7 @@ def main() -> None:
         "fraction-train": fraction,
         "fraction-evaluate": fraction,
         "cache-data": args.cache_data,
+        "noop": args.noop,
         "timing-file": args.timing_file,
     }
     run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
@@ -69,9 +77,15 @@ def main() -> None:
         state=RecordDict(),
         run_config=get_fused_config_from_dir(APP_DIR, overrides),
     )
-    backend_config = (
+    backend_config: dict = (
         {} if args.verbose else {"init_args": {"logging_level": "ERROR", "log_to_driver": False}}
     )
+    if args.confide_engine:
+        from simulations.dispatch import install_one_pass_dispatch
+
+        os.environ.setdefault("RAY_worker_niceness", "0")
+        install_one_pass_dispatch()
+        backend_config["client_resources"] = {"num_cpus": 1.0, "num_gpus": 0.0}
     if not args.verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     _run_simulation(

@@ -1,4 +1,7 @@
-"""ClientApp, quickstart style: each handler loads its data, builds the model, trains, replies."""
+"""ClientApp, quickstart style: each handler loads its data, builds the model, trains, replies.
+
+With `noop` the handlers reply at once (the received weights back, no data, no model, no training):
+what Flower's simulation engine itself costs per client-round, the floor under any ClientApp."""
 
 from __future__ import annotations
 
@@ -12,6 +15,10 @@ app = ClientApp()
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    if context.run_config["noop"]:
+        metrics = MetricRecord({"train-seconds": 0.0, "num-examples": 1})
+        content = RecordDict({"arrays": msg.content["arrays"], "metrics": metrics})
+        return Message(content=content, reply_to=msg)
     model = load_model(context.run_config)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     partition_id = context.node_config["partition-id"]
@@ -34,6 +41,9 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    if context.run_config["noop"]:
+        metrics = MetricRecord({"eval_loss": 0.0, "eval_acc": 0.0, "num-examples": 1})
+        return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
     model = load_model(context.run_config)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     partition_id = context.node_config["partition-id"]
