@@ -419,7 +419,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="10,100,1000")
     parser.add_argument(
         "--variants",
-        default="confide,baseline,baseline-cached,confide-patched",
+        default="confide,baseline,baseline-cached,flower-floor",
     )
     parser.add_argument("--rounds", type=int, default=3, help="Confide's rounds")
     parser.add_argument(
