@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from server.strategy_state import strategy_state
-from server.update_validation import UpdatePolicy, screen_update
+from server.update_validation import UpdatePolicy, global_values, screen_update
 
 if TYPE_CHECKING:  # secure_aggregation raises this module's FederationError
     from server.secure_aggregation import SecureAggregation
@@ -173,8 +173,9 @@ def screen_updates(
     replies: list[Message], arrays: ArrayRecord, policy: UpdatePolicy
 ) -> tuple[list[Message], list[dict[str, Any]]]:
     accepted, rejected = [], []
+    reference = global_values(arrays)
     for reply in replies:
-        reason = screen_update(reply, arrays, policy)
+        reason = screen_update(reply, arrays, policy, reference)
         if reason is None:
             accepted.append(reply)
         else:

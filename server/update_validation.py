@@ -32,8 +32,19 @@ def _num_examples(reply: Message) -> object:
     return None if metrics is None else metrics.get("num-examples")
 
 
-def screen_update(reply: Message, global_arrays: ArrayRecord, policy: UpdatePolicy) -> str | None:
-    """None when the update may be aggregated (clipping it in place if needed), else the reason."""
+def global_values(global_arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    """The global model in float64, decoded once per round rather than once per reply."""
+    return {name: ndarray(array).astype(np.float64) for name, array in global_arrays.items()}
+
+
+def screen_update(
+    reply: Message,
+    global_arrays: ArrayRecord,
+    policy: UpdatePolicy,
+    reference: dict[str, np.ndarray] | None = None,
+) -> str | None:
+    """None when the update may be aggregated (clipping it in place if needed), else the reason.
+    `reference`: `global_values(global_arrays)`, when the caller screens many replies."""
     if len(reply.content.array_records) != 1 or len(reply.content.metric_records) != 1:
         return "expected one ArrayRecord and one MetricRecord"
     count = _num_examples(reply)
@@ -47,6 +58,8 @@ def screen_update(reply: Message, global_arrays: ArrayRecord, policy: UpdatePoli
         missing = sorted(set(global_arrays) - set(update))[:3]
         extra = sorted(set(update) - set(global_arrays))[:3]
         return f"parameter names differ from the global model (missing {missing}, extra {extra})"
+    if reference is None:
+        reference = global_values(global_arrays)
     deltas = {}
     for name, expected in global_arrays.items():
         received = update[name]
@@ -58,7 +71,7 @@ def screen_update(reply: Message, global_arrays: ArrayRecord, policy: UpdatePoli
         values = ndarray(received)
         if not np.all(np.isfinite(values)):
             return f"'{name}' holds NaN or infinite values"
-        deltas[name] = values.astype(np.float64) - ndarray(expected).astype(np.float64)
+        deltas[name] = values.astype(np.float64) - reference[name]
 
     if policy.max_update_norm <= 0:
         return None
@@ -69,9 +82,7 @@ def screen_update(reply: Message, global_arrays: ArrayRecord, policy: UpdatePoli
         return f"update norm {norm:.3g} exceeds the bound {policy.max_update_norm:g}"
     scale = policy.max_update_norm / norm
     clipped = {
-        name: Array(
-            (global_arrays[name].numpy() + delta * scale).astype(global_arrays[name].numpy().dtype)
-        )
+        name: Array((reference[name] + delta * scale).astype(np.dtype(global_arrays[name].dtype)))
         for name, delta in deltas.items()
     }
     key = next(iter(reply.content.array_records))
