@@ -31,10 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.harness import setup_line, write_section
-from client.join import JoinSettings, prepare_join, start_supernode
+from client.join import JoinSettings, Site, prepare_join, start_supernode
 from common.certificates import init_certs
-from common.processes import ManagedProcess, free_port, stop_all
+from common.processes import free_port
 from common.schema import load_schema
+from common.site_policy import SitePolicy
 from common.tasks import BUNDLED_SCHEMAS, load_heart_rows
 from server.coordinator import StartSettings, start_coordinator
 from server.coordinator_run import RunRequest, network_bytes, submit_run, wait_for_run
@@ -44,6 +45,10 @@ TRANSPORTS = ("plaintext", "TLS")
 RUN_OVERRIDES = {"TLS+SecAgg+": {"secagg": True}}  # bench/secure_aggregation.py: TLS, masked sums
 GOAL_RATIO = 1.10
 RUN_TIMEOUT = 1800.0
+
+# The transport costs are measured on plain runs: these sites accept them (a joined site's
+# default policy requires DP-SGD).
+REHEARSAL = SitePolicy(require_dp=False, source="bench/transport.py")
 
 
 class CountingRelay:
@@ -166,7 +171,7 @@ def measure(
             certs.root if certs else None, root / "state", "127.0.0.1", free_port(), insecure
         )
     )
-    nodes: list[ManagedProcess] = []
+    nodes: list[Site] = []
     try:
         with CountingRelay(coordinator.settings.port) as relay:
             for count in client_counts:
@@ -178,6 +183,7 @@ def measure(
                         ca=None if certs is None else certs.ca_cert,
                         key=None if certs is None else certs.client_private_key(name),
                         name=name, insecure=insecure, work_dir=root / "nodes" / name,
+                        policy=REHEARSAL,
                     )  # fmt: skip
                     nodes.append(start_supernode(prepare_join(settings), name))
                 out = root / f"run-{count}"
@@ -194,7 +200,8 @@ def measure(
                     network_bytes(submitted).get("total-bytes", 0), rounds[count],
                 ))  # fmt: skip
     finally:
-        stop_all(nodes)
+        for node in reversed(nodes):
+            node.stop()
         coordinator.stop()
 
 

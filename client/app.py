@@ -1,7 +1,9 @@
 """The ClientApp: turn Flower messages into local training and evaluation, and back.
 
 The same app runs on a hospital's SuperNode and inside Flower's simulation engine; only the node
-config differs (a data file there, a partition id here).
+config differs (a data file there, a partition id here). The site's policy (client/node_policy.py)
+is checked against the run's request before any record is read; under DP, nothing computed from
+the records leaves except through a mechanism charged to the site's ledger.
 """
 
 from __future__ import annotations
@@ -21,24 +23,29 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
+from client.canaries import SiteAudit
 from client.dp_mods import client_side_clipping
-from client.local_data import load_local_split, open_ledger
-from client.private_training import train_privately
+from client.local_data import DATA_PATH_KEY, load_local_split, site_name, site_privacy
+from client.node_policy import node_policy
+from client.private_release import evaluate_privately
+from client.private_training import plan_run, train_privately
 from client.secure_aggregation import secure_aggregation
 from client.simulated_faults import simulated_faults
 from client.training import choose_device, make_optimizer, train_epochs
 from common.evaluation import evaluate, make_loader
 from common.model_factory import build_model
-from common.partition import ClientSplit
+from common.partition import ClientSplit, partition_plan
 from common.privacy import PrivacyConfigError
-from common.privacy_ledger import BudgetExhausted, LedgerError
+from common.privacy_ledger import BudgetExhausted, LedgerEntry, LedgerError
 from common.received_weights import torch_state_dict
 from common.run_config import RunConfig, cached_run_config
+from common.site_policy import PolicyError, PolicyRefusal, SitePolicy, check_request
 from common.tasks import task_schema
 
 EVALUATION_BATCH_SIZE = 256
 CLIENT_WEIGHT = "client-weight"  # uniform weight, for coordinators that average clients equally
-REFUSED = 403  # error code of a reply that declines to train (privacy budget, broken ledger)
+REFUSED = 403  # error code of a reply that declines (site policy, privacy budget, broken ledger)
+REFUSALS = (BudgetExhausted, LedgerError, PrivacyConfigError, PolicyError, PolicyRefusal)
 
 log = logging.getLogger(__name__)
 app = ClientApp(mods=[simulated_faults])  # dropouts/stragglers: in simulation, when configured
@@ -58,10 +65,42 @@ def _received_model(msg: Message, config: RunConfig, fresh: bool = False) -> tor
     return model
 
 
+def _server_round(msg: Message) -> int:
+    config = msg.content.config_records.get("config")
+    return int(config.get("server-round", 0)) if config else 0
+
+
+def _accepted_split(config: RunConfig, context: Context) -> tuple[SitePolicy, ClientSplit]:
+    """The site's policy first: a real site refuses a forbidden request before reading a record
+    (a simulated site is found by its share's name, so there the share is drawn first)."""
+    node_config = context.node_config
+    if DATA_PATH_KEY in node_config:
+        policy = node_policy(config, node_config, site_name(node_config))
+        check_request(policy, config)
+        return policy, load_local_split(config, node_config)
+    split = load_local_split(config, node_config)
+    policy = node_policy(config, node_config, split.name)
+    check_request(policy, config)
+    return policy, split
+
+
+def _refusal(msg: Message, name: str, error: Exception) -> Message:
+    log.warning("%s refuses: %s", name, error)
+    return Message(Error(code=REFUSED, reason=f"{name}: {error}"), reply_to=msg)
+
+
+def _node_name(config: RunConfig, context: Context) -> str:
+    """A name for a refusal sent before the site's records (and so its split) are at hand."""
+    if DATA_PATH_KEY in context.node_config:
+        return site_name(context.node_config)
+    names, _ = partition_plan(config)
+    return names[int(context.node_config["partition-id"])]
+
+
 def _train_plain(
     model: torch.nn.Module, split: ClientSplit, config: RunConfig, msg: Message
 ) -> dict[str, float]:
-    server_round = int(msg.content["config"].get("server-round", 0))
+    server_round = _server_round(msg)
     loader = make_loader(
         split.train, config.batch_size, shuffle=True, seed=config.seed + server_round
     )
@@ -71,6 +110,7 @@ def _train_plain(
         model, loader, optimizer, config.local_epochs, choose_device(), proximal_mu
     )
     return {
+        "num-examples": len(split.train),
         "train-loss": result.loss,
         "train-accuracy": result.accuracy,
         "train-seconds": result.seconds,
@@ -78,68 +118,124 @@ def _train_plain(
 
 
 def _train_private(
-    model: torch.nn.Module, split: ClientSplit, config: RunConfig, msg: Message, context: Context
+    model: torch.nn.Module,
+    split: ClientSplit,
+    config: RunConfig,
+    policy: SitePolicy,
+    msg: Message,
+    context: Context,
 ) -> dict[str, float]:
-    ledger = open_ledger(config, context.node_config, split)
     private = train_privately(
         model,
         split.train,
         config,
-        config.privacy_budget(context.node_config),
-        ledger,
+        site_privacy(config, context.node_config, split, policy),
         run_id=str(msg.metadata.run_id),
-        server_round=int(msg.content["config"].get("server-round", 0)),
+        server_round=_server_round(msg),
         device=choose_device(),
     )
-    return {
-        "train-loss": private.result.loss,
-        "train-accuracy": private.result.accuracy,
-        "train-seconds": private.result.seconds,
+    metrics = {
+        "num-examples": private.num_examples,
         "noise-multiplier": private.noise_multiplier,
         "epsilon-round": private.epsilon_round,
         "epsilon": private.epsilon_total,
         "delta": private.delta,
     }
+    if config.training_metrics == "exact":  # the run asked, the site's policy allowed it
+        metrics |= {
+            "train-loss": private.result.loss,
+            "train-accuracy": private.result.accuracy,
+            "train-seconds": private.result.seconds,
+        }
+    return metrics
 
 
 @app.train(mods=[secure_aggregation, client_side_clipping])  # SecAgg+ must see the final reply
 def train(msg: Message, context: Context) -> Message:
     config = cached_run_config(context.run_config)
-    split = load_local_split(config, context.node_config)
-    model = _received_model(msg, config, fresh=config.dp)
+    split = None
     try:
-        if config.dp:
-            metrics = _train_private(model, split, config, msg, context)
-        else:
-            metrics = _train_plain(model, split, config, msg)
-    except (BudgetExhausted, LedgerError, PrivacyConfigError) as refusal:
-        log.warning("%s refuses to train: %s", split.name, refusal)
-        return Message(Error(code=REFUSED, reason=f"{split.name}: {refusal}"), reply_to=msg)
+        policy, split = _accepted_split(config, context)
+        audit = SiteAudit.for_node(config, context.node_config, split)  # `confide audit` only
+        split = audit.training_split(split, len(task_schema(config).classes))
+        model = _received_model(msg, config, fresh=config.dp)
+        with audit.round(model, int(msg.content["config"].get("server-round", 0))):
+            if config.dp:
+                metrics = _train_private(model, split, config, policy, msg, context)
+            else:
+                metrics = _train_plain(model, split, config, msg)
+    except REFUSALS as refusal:
+        return _refusal(msg, split.name if split else _node_name(config, context), refusal)
     content = RecordDict(
         {
             "arrays": ArrayRecord(model.state_dict()),
-            "metrics": MetricRecord(
-                {"num-examples": len(split.train), CLIENT_WEIGHT: 1, **metrics}
-            ),
+            "metrics": MetricRecord({CLIENT_WEIGHT: 1, **metrics}),
             "client": ConfigRecord({"name": split.name}),
         }
     )
     return Message(content=content, reply_to=msg)
 
 
+def _evaluate_private(
+    model: torch.nn.Module,
+    split: ClientSplit,
+    config: RunConfig,
+    policy: SitePolicy,
+    msg: Message,
+    context: Context,
+) -> dict[str, float]:
+    """One Gaussian mechanism per reply, charged before it leaves; off if the policy says so."""
+    if policy.evaluation == "off":
+        raise PolicyRefusal(
+            f"refused by site policy ({policy.source}): evaluation = 'off', but the run asks "
+            "for an evaluation reply"
+        )
+    site = site_privacy(config, context.node_config, split, policy)
+    run_id = str(msg.metadata.run_id)
+    plan = plan_run(config, site, run_id, len(split.train))
+    planned = config.num_server_rounds + 1  # round 0, then one after each round
+    answered = sum(e.run_id == run_id and e.purpose == "evaluate" for e in site.ledger.entries())
+    if answered >= planned:  # a coordinator may not drain the budget through evaluation
+        raise BudgetExhausted(
+            f"this run's {planned} planned evaluation replies are spent; the site answers no more"
+        )
+    assert plan.evaluation_sigma is not None
+    entry = LedgerEntry(
+        run_id, _server_round(msg), plan.evaluation_sigma, 1.0, 1, purpose="evaluate"
+    )
+    epsilon = site.ledger.charge(site.budget, entry, site.source)
+    released = evaluate_privately(model, split.test, plan.evaluation_sigma, choose_device())
+    return {
+        "num-examples": released.num_examples,
+        "loss": released.loss,
+        "accuracy": released.accuracy,
+        "epsilon": epsilon,
+        "delta": site.budget.target_delta,
+    }
+
+
 @app.evaluate()
 def evaluate_global_model(msg: Message, context: Context) -> Message:
     config = cached_run_config(context.run_config)
-    split = load_local_split(config, context.node_config)
-    model = _received_model(msg, config)
-    result = evaluate(model, split.test, EVALUATION_BATCH_SIZE, choose_device())
-    metrics = MetricRecord(
+    split = None
+    try:
+        policy, split = _accepted_split(config, context)
+        model = _received_model(msg, config)
+        if config.dp:
+            metrics = _evaluate_private(model, split, config, policy, msg, context)
+        else:
+            result = evaluate(model, split.test, EVALUATION_BATCH_SIZE, choose_device())
+            metrics = {
+                "num-examples": result.num_examples,
+                "loss": result.loss,
+                "accuracy": result.accuracy,
+            }
+    except REFUSALS as refusal:
+        return _refusal(msg, split.name if split else _node_name(config, context), refusal)
+    content = RecordDict(
         {
-            "num-examples": result.num_examples,
-            CLIENT_WEIGHT: 1,
-            "loss": result.loss,
-            "accuracy": result.accuracy,
+            "metrics": MetricRecord({CLIENT_WEIGHT: 1, **metrics}),
+            "client": ConfigRecord({"name": split.name}),
         }
     )
-    content = RecordDict({"metrics": metrics, "client": ConfigRecord({"name": split.name})})
     return Message(content=content, reply_to=msg)

@@ -17,9 +17,13 @@ from opacus import PrivacyEngine
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
+from client.canaries import GradientCanaries, gradient_canaries
+
 
 class FlatDPOptimizer(DPOptimizer):
     """Per-sample clipping, Gaussian noise and mean reduction over all parameters at once."""
+
+    canaries: GradientCanaries | None = None  # white-box audit canaries (client/canaries.py)
 
     def clip_and_accumulate(self) -> None:
         params = self.params
@@ -45,6 +49,8 @@ class FlatDPOptimizer(DPOptimizer):
             raise ValueError("secure_mode is not supported by Confide's DP optimizer")
         params = self.params
         summed = torch.cat([p.summed_grad.reshape(-1) for p in params])
+        if self.canaries is not None:  # once per logical step, into the clipped sum, pre-noise
+            summed = summed + self.canaries.step_sum(self.max_grad_norm, summed)
         noise = torch.normal(
             0.0,
             self.noise_multiplier * self.max_grad_norm,
@@ -72,11 +78,18 @@ def _split_like(flat: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Te
 class FlatPrivacyEngine(PrivacyEngine):
     """Opacus' PrivacyEngine, handing out FlatDPOptimizer where it would hand out DPOptimizer."""
 
+    _sample_rate = 0.0
+
+    def make_private(self, **kwargs):  # type: ignore[no-untyped-def]
+        """Opacus' own, remembering its Poisson rate: audit canaries are sampled at it too."""
+        self._sample_rate = 1 / len(kwargs["data_loader"])
+        return super().make_private(**kwargs)
+
     def _prepare_optimizer(self, **kwargs) -> DPOptimizer:  # type: ignore[no-untyped-def]
         optimizer = super()._prepare_optimizer(**kwargs)
         if type(optimizer) is not DPOptimizer:  # ghost clipping, distributed: Opacus' own
             return optimizer
-        return FlatDPOptimizer(
+        flat = FlatDPOptimizer(
             optimizer.original_optimizer,
             noise_multiplier=optimizer.noise_multiplier,
             max_grad_norm=optimizer.max_grad_norm,
@@ -85,3 +98,5 @@ class FlatPrivacyEngine(PrivacyEngine):
             generator=optimizer.generator,
             secure_mode=optimizer.secure_mode,
         )
+        flat.canaries = gradient_canaries(flat.params, self._sample_rate)
+        return flat

@@ -4,22 +4,29 @@ Order matters for a hospital's ops person: the data file is checked against the 
 schema first (the same `DataFileError` as `confide simulate`, listing every problem), then the
 key and CA files, then one TLS handshake proves the coordinator is who it claims to be. Only then
 does `flower-supernode` start, with TLS, its own key and the site's node config (`data-path`,
-`name`, `role`, `ledger-path`). A failure at any step starts nothing.
+`name`, `role`, `ledger-path`), together with the site executor (`client/site_executor.py`), which
+answers every message with the ClientApp installed here and refuses a run whose app package is not
+that app. A failure at any step starts nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import http.client
+import itertools
 import logging
 import os
+import secrets
 import socket
 import ssl
 import stat
+import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 from cryptography import x509
@@ -27,7 +34,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from client.local_data import DATA_PATH_KEY, LEDGER_PATH_KEY, NAME_KEY
+from client.local_data import DATA_PATH_KEY, LEDGER_PATH_KEY, NAME_KEY, default_site_home
+from client.node_policy import POLICY_PATH_KEY
 from common.certificates import CertificateError, verify_server_certificate
 from common.file_reading import read_named_file
 from common.flower_args import FlowerArgumentError, key_values
@@ -36,13 +44,14 @@ from common.processes import (
     ManagedProcess,
     ProcessError,
     child_environment,
-    find_executable,
     free_port,
     is_loopback,
     last_error_line,
 )
 from common.run_config import RunConfig, RunConfigError
 from common.site_data import load_site_data
+from common.site_keys import SITE_STATUS_PREFIX, fingerprint, status_name, write_atomic
+from common.site_policy import PolicyRefusal, SitePolicy, policy_toml
 from common.tasks import task_schema
 
 log = logging.getLogger(__name__)
@@ -51,26 +60,33 @@ ROLES = ("hospital", "bank")
 ROLE_KEY = "role"
 DEFAULT_TASK = {"hospital": "heart", "bank": "bank"}
 CONNECT_TIMEOUT_SECONDS = 10.0
+RUNTIME_SECRET_FILE = "runtime-api.secret"
+EXECUTOR_LOG = "site-executor.log"
 # What a SuperNode's dying words mean for the person running it (flwr 1.42 exits with status 1
 # and logs the reason, e.g. "Exit Code: 305 ... [code: 2004] Failed to activate SuperNode").
+# "{refusal}": the coordinator refused this key; `refusal_case` asks it which case it is.
 LOG_HINTS = (
-    (
-        "Failed to activate SuperNode",
-        "the coordinator refused this client: the key {key} is not registered there (not "
-        "invited, or invited after the coordinator started); ask the coordinator's operator to "
-        "invite it (`confide certs add-client`) and restart the coordinator, or check you passed "
-        "your own key; if this site stopped abruptly under a minute ago, the coordinator still "
-        "counts its old connection online: join again in a minute",
-    ),
+    ("Failed to activate SuperNode", "{refusal}"),
+    ("401 Unauthorized", "{refusal}"),
+    # Flower's SuperNode stops itself "gracefully" when the coordinator rejects its heartbeat,
+    # which is what a revocation while online looks like (a stop we asked for is not explained).
+    ("SuperNode terminated gracefully", "{refusal}"),
     (
         "400 Bad Request",
         "the coordinator refused plaintext (it requires TLS); drop --insecure and pass --ca",
     ),
     (
         "Unable to parse the private key file",
-        "{key}: Flower cannot use this key; pass the clients/NAME.key from `confide certs init`",
+        "{key}: Flower cannot use this key; pass the NAME.key made by `confide certs keygen`",
     ),
 )
+# Flower accepts a SuperNode's signed timestamp from 5 s ahead to 305 s behind its own clock
+# (flwr.common.constant SYSTEM_TIME_TOLERANCE, TIMESTAMP_TOLERANCE); HTTP dates have 1 s steps.
+CLOCK_AHEAD_LIMIT_SECONDS = 4.0
+CLOCK_BEHIND_LIMIT_SECONDS = 300.0
+
+
+POLICY_FILE = "site-policy.toml"
 
 
 class JoinError(RuntimeError):
@@ -90,11 +106,12 @@ class JoinSettings:
     schema: Path | None = None
     insecure: bool = False
     work_dir: Path | None = None
+    policy: SitePolicy = field(default_factory=SitePolicy)  # the site's own (`--policy FILE`)
 
 
 @dataclass(frozen=True)
 class JoinPlan:
-    """Everything checked: what `flower-supernode` will be started with."""
+    """Everything checked: what `flower-supernode` and the site executor will be started with."""
 
     argv: list[str]
     env: dict[str, str]
@@ -102,6 +119,11 @@ class JoinPlan:
     host: str
     port: int
     records: int
+    executor_argv: list[str]
+    runtime_secret: Path  # shared by the two: only the executor may claim this site's messages
+    policy_file: Path | None = None  # the site's effective policy, which its ClientApp reads
+    policy_text: str = ""  # ...written there when the site starts
+    ledger: Path | None = None  # the site's own privacy ledger
 
 
 # ---------------------------------------------------------------------------------------- checks
@@ -137,7 +159,11 @@ def check_data(settings: JoinSettings) -> int:
         settings.data, task_schema(config), vocab_size=config.vocab_size,
         max_length=config.max_length,
     )  # fmt: skip
-    site_split(config, dataset, settings.name)
+    split = site_split(config, dataset, settings.name)
+    try:
+        settings.policy.check_delta(len(split.train))
+    except PolicyRefusal as error:
+        raise JoinError(str(error)) from None
     return len(dataset)
 
 
@@ -154,11 +180,14 @@ def check_private_key(path: Path) -> None:
         raise JoinError(f"{path}: key is password-protected; Flower needs it unencrypted") from None
     except (ValueError, UnsupportedAlgorithm):
         raise JoinError(
-            f"{path}: not an OpenSSH private key; pass the clients/NAME.key you were sent "
-            "(not the .pub file, not a TLS key)"
+            f"{path}: not an OpenSSH private key; pass the NAME.key made by `confide certs "
+            "keygen` (not the .pub file, not a TLS key)"
         ) from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise JoinError(f"{path}: Flower needs an EC key; pass the clients/NAME.key you were sent")
+        raise JoinError(
+            f"{path}: Flower needs an EC key; make one with `confide certs keygen --out DIR "
+            "--name NAME` and have its .pub invited"
+        )
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
         raise JoinError(
@@ -265,12 +294,20 @@ def check_plaintext_coordinator(host: str, port: int) -> None:
         )
 
 
+def check_site_executor() -> None:
+    """The executor borrows Flower internals (client/flower_runtime.py): on a Flower it was not
+    written for, say so before anything starts."""
+    try:
+        import client.flower_runtime  # noqa: F401 - importing it checks the flwr version
+    except ImportError as error:
+        raise JoinError(str(error)) from None
+
+
 # ---------------------------------------------------------------------------------------- plan
 
 
 def default_work_dir(name: str) -> Path:
-    data_home = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share"))
-    return data_home / "confide" / "nodes" / name
+    return default_site_home(name)
 
 
 def prepare_join(settings: JoinSettings) -> JoinPlan:
@@ -287,23 +324,24 @@ def prepare_join(settings: JoinSettings) -> JoinPlan:
         raise JoinError("--ca is required: the federation's ca.crt, to check the coordinator")
     if not settings.insecure and settings.key is None:
         raise JoinError("--key is required: your clients/NAME.key from the coordinator's operator")
+    check_site_executor()
     records = check_data(settings)
     node_config: dict[str, object] = {
         DATA_PATH_KEY: str(settings.data.resolve()),
         NAME_KEY: settings.name,
         ROLE_KEY: settings.role,
     }
-    if settings.ledger is not None:
-        node_config[LEDGER_PATH_KEY] = str(settings.ledger.expanduser().resolve())
+    work_dir = (settings.work_dir or default_work_dir(settings.name)).resolve()
+    policy_file = work_dir / POLICY_FILE
+    ledger = settings.ledger or work_dir / "privacy-ledger.json"  # one per site, never shared
+    node_config[LEDGER_PATH_KEY] = str(ledger.expanduser().resolve())
+    node_config[POLICY_PATH_KEY] = str(policy_file)
     try:
         node_config_text = key_values(node_config)
     except FlowerArgumentError as error:
         raise JoinError(str(error)) from None
-    try:
-        supernode = find_executable("flower-supernode", "reinstall Confide: pip install -e .")
-    except ProcessError as error:
-        raise JoinError(str(error)) from None
-    argv = [str(supernode), "--superlink", f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    superlink = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    argv = [sys.executable, "-m", "client.supernode_launcher", "--superlink", superlink]
     if settings.insecure:
         check_plaintext_coordinator(host, port)
         argv.append("--insecure")
@@ -315,63 +353,199 @@ def prepare_join(settings: JoinSettings) -> JoinPlan:
         argv += ["--root-certificates", str(settings.ca.resolve())]
         argv += ["--auth-supernode-private-key", str(settings.key.resolve())]
     argv += ["--node-config", node_config_text]
-    # The SuperNode's own Runtime API (its ClientApp processes call it): loopback, a free port,
-    # so several sites can share one machine in a rehearsal.
-    argv += ["--host", "127.0.0.1", "--port", str(free_port())]
-    work_dir = (settings.work_dir or default_work_dir(settings.name)).resolve()
+    # The SuperNode's own Runtime API (the site executor calls it): loopback, a free port, so
+    # several sites can share one machine in a rehearsal.
+    runtime_api = f"127.0.0.1:{free_port()}"
+    argv += ["--host", "127.0.0.1", "--port", runtime_api.rsplit(":", 1)[1]]
+    secret = work_dir / RUNTIME_SECRET_FILE
+    # Pinned app: the SuperNode spawns no ClientApp (`--isolation process`); Confide's executor
+    # claims each message and runs the ClientApp installed here, never the coordinator's package.
+    argv += ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]
+    executor_argv = [sys.executable, "-I", "-u", "-m", "client.site_executor",
+                     "--runtime-api", runtime_api, "--secret-file", str(secret)]  # fmt: skip
     env = child_environment({"FLWR_HOME": str(work_dir / "flwr-home")})
-    return JoinPlan(argv, env, work_dir, host, port, records)
+    return JoinPlan(
+        argv, env, work_dir, host, port, records, executor_argv, secret,
+        policy_file=policy_file, policy_text=policy_toml(settings.policy),
+        ledger=ledger.expanduser().resolve(),
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------- run
 
 
-def start_supernode(plan: JoinPlan, name: str) -> ManagedProcess:
+@dataclass
+class Site:
+    """A joined site's two processes: the SuperNode (coordinator link, loopback Runtime API) and
+    the executor that answers its messages with the installed ClientApp. One does not outlive the
+    other: `alive()` is both, and the first to stop is remembered for `explain_exit`."""
+
+    supernode: ManagedProcess
+    executor: ManagedProcess
+    exited: ManagedProcess | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.supernode.log_path
+
+    def alive(self) -> bool:
+        if self.exited is None:
+            self.exited = next((p for p in (self.supernode, self.executor) if not p.alive()), None)
+        return self.exited is None
+
+    def stop(self) -> None:
+        self.executor.stop()
+        self.supernode.stop()
+
+
+def write_site_policy(plan: JoinPlan) -> None:
+    """The site's effective policy, where its ClientApp reads it (mode 0600, atomically)."""
     plan.work_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return ManagedProcess(
+    if plan.policy_file is not None:
+        write_atomic(plan.policy_file, plan.policy_text.encode(), 0o600)
+
+
+def start_supernode(plan: JoinPlan, name: str) -> Site:
+    """Start the SuperNode and the site executor, with a fresh secret shared by the two."""
+    write_site_policy(plan)
+    descriptor = os.open(plan.runtime_secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "wb") as secret:
+        secret.write(secrets.token_bytes(32))
+    supernode = ManagedProcess(
         f"flower-supernode ({name})", plan.argv, plan.work_dir / "supernode.log", env=plan.env
     )
+    try:
+        executor = ManagedProcess(
+            f"site executor ({name})", plan.executor_argv, plan.work_dir / EXECUTOR_LOG,
+            env=plan.env, cwd=plan.work_dir,
+        )  # fmt: skip
+    except ProcessError:
+        supernode.stop()
+        raise
+    return Site(supernode, executor)
 
 
-def node_id(process: ManagedProcess) -> str | None:
+def node_id(site: Site) -> str | None:
     """The node ID Flower logs once the coordinator accepted this client."""
-    for line in reversed(process.log_tail(200).splitlines()):
+    for line in reversed(site.supernode.log_tail(200).splitlines()):
         if "SuperNode ID:" in line:
             return line.rsplit(":", 1)[1].strip()
     return None
 
 
-def explain_exit(process: ManagedProcess, key: Path | None) -> str:
-    """One line for a SuperNode that stopped on its own."""
+def explain_exit(site: Site, key: Path | None) -> str:
+    """One line for a site whose SuperNode or executor stopped on its own."""
+    if site.exited is site.executor:
+        return (
+            f"the site executor exited with code {site.executor.popen.returncode}: "
+            f"{last_error_line(site.executor.log_tail(60))}; see {site.executor.log_path}"
+        )
+    process = site.supernode
     tail = process.log_tail(60)
     for marker, hint in LOG_HINTS:
         if marker in tail:
-            return hint.format(key=key)
+            refusal = refusal_case(process.argv, key) if "{refusal}" in hint else ""
+            return hint.format(key=key, refusal=refusal)
     return (
         f"flower-supernode exited with code {process.popen.returncode}: "
         f"{last_error_line(tail)}; see {process.log_path}"
     )
 
 
+def refusal_case(argv: list[str], key: Path | None) -> str:
+    """Why the coordinator refused this site's key: not invited, revoked, already online, or this
+    machine's clock. Asks the coordinator's read-only site-status page (by the key's fingerprint,
+    over TLS verified with --ca); falls back to listing the cases when it cannot tell."""
+    options = dict(itertools.pairwise(argv))
+    coordinator = options.get("--superlink", "")
+    ca, key_file = options.get("--root-certificates"), options.get("--auth-supernode-private-key")
+    generic = (
+        f"the coordinator refused this site's key {key}: it is not invited, was revoked, is "
+        "already online from another `confide join` (or this site stopped abruptly under a "
+        "minute ago), or this machine's clock is off; ask the operator which"
+    )
+    if not (coordinator and ca and key_file):
+        return generic
+    try:
+        private = serialization.load_ssh_private_key(Path(key_file).read_bytes(), password=None)
+        public_line = private.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+        code, body, server_date = _site_status(coordinator, Path(ca), status_name(public_line))
+    except (OSError, ValueError, TypeError, UnsupportedAlgorithm, http.client.HTTPException):
+        return generic
+    return describe_refusal(code, body, server_date, key, fingerprint(public_line))
+
+
+def _site_status(coordinator: str, ca: Path, name: str) -> tuple[int, str, datetime | None]:
+    host, port = parse_address(coordinator)
+    context = ssl.create_default_context(cafile=str(ca))
+    connection = http.client.HTTPSConnection(host, port, context=context,
+                                             timeout=CONNECT_TIMEOUT_SECONDS)  # fmt: skip
+    try:
+        connection.request("GET", f"{SITE_STATUS_PREFIX}{name}")
+        response = connection.getresponse()
+        body = response.read(100).decode(errors="replace").strip()
+        date = response.getheader("Date")
+    finally:
+        connection.close()
+    return response.status, body, parsedate_to_datetime(date) if date else None
+
+
+def describe_refusal(
+    code: int, body: str, server_date: datetime | None, key: Path | None, key_print: str
+) -> str:
+    """The refusal in words, from the coordinator's answer about this key and its clock."""
+    if server_date is not None:
+        ahead = (datetime.now(UTC) - server_date).total_seconds()
+        if ahead > CLOCK_AHEAD_LIMIT_SECONDS or -ahead > CLOCK_BEHIND_LIMIT_SECONDS:
+            return (
+                f"clock skew: this machine's clock is {ahead:+.0f} s off the coordinator's, and "
+                "Flower refuses signatures more than 5 s ahead or 5 min behind; synchronise the "
+                "clock (e.g. `timedatectl set-ntp true`) and join again"
+            )
+    if code == 404:
+        return (
+            f"not invited: the coordinator does not know the key {key} ({key_print}); send "
+            "its .pub to the operator, who runs `confide certs add-client DIR NAME "
+            "--public-key NAME.pub` (it takes effect within seconds, no restart), then join again"
+        )
+    if code == 200 and body == "revoked":
+        return (
+            f"revoked: the operator withdrew the invitation of the key {key} ({key_print}); "
+            "ask them why; a new invitation needs a new key and name"
+        )
+    if code == 200 and body == "invited":
+        return (
+            f"already online: the key {key} is invited, and the coordinator counts it connected "
+            "already: another `confide join` with this key is running (stop it), or this site "
+            "stopped abruptly under a minute ago (join again in a minute)"
+        )
+    return (
+        f"the coordinator refused this site's key {key} ({key_print}) and its site-status page "
+        f"answered {code}; ask the operator"
+    )
+
+
 def supervise(
-    process: ManagedProcess,
+    site: Site,
     should_stop: Callable[[], bool],
     on_connected: Callable[[str], None],
 ) -> int | None:
-    """Run until asked to stop or the SuperNode exits; returns its exit code (None: we stopped
-    it). Always leaves nothing running."""
+    """Run until asked to stop or either process exits; returns that one's exit code (None: we
+    stopped them). Always leaves nothing running."""
     announced = False
     try:
-        while process.alive() and not should_stop():
+        while site.alive() and not should_stop():
             if not announced:
-                identity = node_id(process)
+                identity = node_id(site)
                 if identity:
                     announced = True
                     on_connected(identity)
             time.sleep(0.5)
-        if process.alive():
+        if site.exited is None:
             return None
-        return process.popen.returncode
+        return site.exited.popen.returncode
     finally:
         with contextlib.suppress(Exception):
-            process.stop()
+            site.stop()

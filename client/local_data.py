@@ -8,10 +8,12 @@ from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 
+from client.private_training import SitePrivacy, site_budget
 from common.partition import ClientSplit, client_split, site_split
-from common.privacy_ledger import PrivacyLedger, dataset_fingerprint
+from common.privacy_ledger import PrivacyLedger
 from common.run_config import RunConfig
 from common.site_data import EncodedDataset, load_site_data
+from common.site_policy import SitePolicy
 from common.tasks import task_schema
 
 PARTITION_ID_KEY = "partition-id"  # set by Flower's simulation engine
@@ -41,36 +43,48 @@ def _load_site_file(config: RunConfig, path: Path) -> EncodedDataset:
     )
 
 
-def ledger_path(config: RunConfig, node_config: Mapping[str, object], split: ClientSplit) -> Path:
-    """Where this node's privacy history lives.
+def site_name(node_config: Mapping[str, object]) -> str:
+    """A real site's name, known before any record is read."""
+    path = Path(str(node_config.get(DATA_PATH_KEY, "site")))
+    return str(node_config.get(NAME_KEY, path.stem))
 
-    A real site keeps one ledger for life (default under the user's data directory) so epsilon
-    composes across federations; a simulated client keeps its own inside the run directory.
-    """
+
+def default_site_home(name: str) -> Path:
+    """Where a joined site keeps its state (ledger, SuperNode work files): one folder per site,
+    so two sites on one machine never share a ledger."""
+    data_home = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share"))
+    return data_home / "confide" / "nodes" / name
+
+
+def ledger_path(config: RunConfig, node_config: Mapping[str, object], name: str) -> Path:
+    """Where this site's privacy history lives: one ledger per site, for life, so epsilon
+    composes across federations; a simulated site keeps its own inside the run directory."""
     if LEDGER_PATH_KEY in node_config:
         return Path(str(node_config[LEDGER_PATH_KEY])).expanduser()
     if PARTITION_ID_KEY in node_config:
-        return Path(config.run_dir) / "privacy-ledgers" / f"{split.name}.json"
-    data_home = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share"))
-    return data_home / "confide" / "privacy-ledger.json"
+        return Path(config.run_dir) / "privacy-ledgers" / f"{name}.json"
+    return default_site_home(name) / "privacy-ledger.json"
 
 
-def open_ledger(
-    config: RunConfig, node_config: Mapping[str, object], split: ClientSplit
-) -> PrivacyLedger:
-    """The ledger entry for this data set.
-
-    A site's data set is its file: the fingerprint hashes the file's bytes, so a new split, seed or
-    model size cannot make the same records look new. A simulated client's data set is its share.
-    """
+def site_privacy(
+    config: RunConfig, node_config: Mapping[str, object], split: ClientSplit, policy: SitePolicy
+) -> SitePrivacy:
+    """The site's ledger, keyed by the data set's name (the site's, unless its policy declares
+    another): appending or editing records keeps what was spent; a new, disjoint data set gets
+    a budget of its own only when the operator names it. A simulated site keeps its name across
+    seeds, so a new seed does not buy a new budget either."""
+    ledger = PrivacyLedger.open(
+        ledger_path(config, node_config, split.name), policy.data_set_name(split.name)
+    )
     if DATA_PATH_KEY in node_config:
-        fingerprint = _file_fingerprint(Path(str(node_config[DATA_PATH_KEY])))
+        path = Path(str(node_config[DATA_PATH_KEY]))
+        source = f"{path} (sha256 {_file_sha256(path)[:16]})"
     else:
-        parts = (split.train, split.test)
-        fingerprint = dataset_fingerprint([a for p in parts for a in (*p.inputs, p.labels)])
-    return PrivacyLedger.open(ledger_path(config, node_config, split), fingerprint)
+        source = f"simulated site {split.name} of task {config.task}"
+    budget = site_budget(policy, ledger, config.max_grad_norm, len(split.train))
+    return SitePrivacy(policy, budget, ledger, source)
 
 
 @lru_cache(maxsize=2)
-def _file_fingerprint(path: Path) -> str:
-    return "file-sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -31,14 +31,10 @@ readable or half-written key behind.
 
 from __future__ import annotations
 
-import base64
-import contextlib
 import ipaddress
 import json
-import os
 import re
 import secrets
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -52,6 +48,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.file_reading import read_named_file
+from common.site_keys import (
+    CertificateError,
+    check_site_name,
+    fingerprint,
+    key_pair_bytes,
+    load_public_key,
+    write_atomic,
+)
 
 __all__ = [
     "CertificateError",
@@ -62,6 +66,9 @@ __all__ = [
     "client_public_keys",
     "describe",
     "init_certs",
+    "invite_client",
+    "revoke_client",
+    "revoked_clients",
     "verify_key_matches_certificate",
     "verify_server_certificate",
 ]
@@ -72,14 +79,9 @@ _SIGNATURE_HASH = hashes.SHA384
 # Machines in a federation rarely share a clock exactly; back-date so a fresh cert is not "not yet
 # valid" on a client a few minutes behind.
 _CLOCK_SKEW = timedelta(minutes=5)
-_CLIENT_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _DNS_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 _MANIFEST_FORMAT = 1
 _INIT_HINT = "create a fresh directory with `confide certs init`"
-
-
-class CertificateError(ValueError):
-    """A certificate/key problem, stated as one line naming the file and the fix."""
 
 
 @dataclass(frozen=True)
@@ -145,22 +147,31 @@ class ClientKeyInfo:
 
 
 def init_certs(
-    out: Path, hosts: Sequence[str], clients: Sequence[str], valid_days: int = 365
+    out: Path,
+    hosts: Sequence[str],
+    clients: Sequence[str] = (),
+    valid_days: int = 365,
+    ca_key_out: Path | None = None,
 ) -> CertsLayout:
-    """Create the CA, coordinator certificate and one key pair per client in `out`.
+    """Create the CA, coordinator certificate and, for a rehearsal on one machine only, one key
+    pair per client in `out` (real sites make their own: `site_keys.generate_site_key`).
 
-    Everything is validated and generated in memory before the first write, so bad input leaves
-    `out` untouched. An existing CA is never overwritten: replacing it would silently lock out
-    every client that already trusts the old one.
+    `ca_key_out`: where the CA key goes instead of `out/ca.key`, so the directory copied to the
+    coordinator never held it. Everything is validated and generated in memory before the first
+    write, so bad input leaves `out` untouched. An existing CA is never overwritten: replacing it
+    would silently lock out every client that already trusts the old one.
     """
     layout = CertsLayout(Path(out))
+    ca_key_path = Path(ca_key_out) if ca_key_out is not None else layout.ca_key
     names = _check_client_names(clients)
     sans = _parse_hosts(hosts)
     if isinstance(valid_days, bool) or not isinstance(valid_days, int) or valid_days < 1:
         raise CertificateError(f"valid_days must be a whole number >= 1, got {valid_days!r}")
     if layout.root.exists() and not layout.root.is_dir():
         raise CertificateError(f"{layout.root}: exists and is not a directory; choose another path")
-    ours = [layout.ca_cert, layout.ca_key, layout.server_cert, layout.server_key, layout.manifest]
+    if ca_key_path.parent.exists() and not ca_key_path.parent.is_dir():
+        raise CertificateError(f"{ca_key_path}: its folder is not a directory; pass another path")
+    ours = [layout.ca_cert, ca_key_path, layout.server_cert, layout.server_key, layout.manifest]
     ours += [
         f(name) for name in names for f in (layout.client_private_key, layout.client_public_key)
     ]
@@ -179,24 +190,26 @@ def init_certs(
     ca_cert = _build_ca_cert(ca_key, not_before, not_after)
     server_key = ec.generate_private_key(_CURVE())
     server_cert = _build_server_cert(ca_key, ca_cert, server_key, sans, not_before, not_after)
-    client_files = {name: _client_key_files(name) for name in names}
+    client_files = {name: key_pair_bytes(name) for name in names}
 
     layout.root.mkdir(mode=0o700, parents=True, exist_ok=True)
     layout.clients_dir.mkdir(mode=0o700, exist_ok=True)
     for name, (private_pem, public_line) in client_files.items():
-        _write_atomic(layout.client_private_key(name), private_pem, 0o600, exclusive=True)
-        _write_atomic(layout.client_public_key(name), public_line, 0o644, exclusive=True)
-    _write_atomic(layout.server_key, _pkcs8(server_key), 0o600, exclusive=True)
-    _write_atomic(layout.server_cert, server_cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    _write_atomic(layout.ca_key, _pkcs8(ca_key), 0o600, exclusive=True)
-    _write_atomic(layout.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        write_atomic(layout.client_private_key(name), private_pem, 0o600, exclusive=True)
+        write_atomic(layout.client_public_key(name), public_line, 0o644, exclusive=True)
+    write_atomic(layout.server_key, _pkcs8(server_key), 0o600, exclusive=True)
+    write_atomic(layout.server_cert, server_cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    ca_key_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_atomic(ca_key_path, _pkcs8(ca_key), 0o600, exclusive=True)
+    write_atomic(layout.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
     # Written last: its presence means "initialisation finished".
     _write_manifest(layout, [_manifest_entry(layout, name, now) for name in names])
     return layout
 
 
 def add_client(root: Path, name: str) -> tuple[Path, Path]:
-    """Invite one more client to an initialised directory; returns (private key, public key).
+    """Rehearsal on one machine only: make a key pair for one more client here and invite it;
+    returns (private key, public key). Real sites make their own (`invite_client`).
 
     Not safe against two concurrent `add_client` calls on the same directory (the manifest is
     read-modify-write); key files themselves are never overwritten.
@@ -204,24 +217,94 @@ def add_client(root: Path, name: str) -> tuple[Path, Path]:
     layout = CertsLayout(Path(root))
     _check_client_name(name)
     entries = _read_manifest(layout)
-    if any(entry["name"] == name for entry in entries):
-        raise CertificateError(
-            f"{layout.manifest}: client {name!r} is already invited; pick another name (its "
-            f"existing key is {layout.client_private_key(name)})"
-        )
+    _check_new_name(layout, entries, name)
     private_path, public_path = layout.client_private_key(name), layout.client_public_key(name)
-    for path in (private_path, public_path):
-        if path.exists():
-            raise CertificateError(
-                f"{path}: leftover key file for uninvited client {name!r}; delete it or pick "
-                "another name"
-            )
-    private_pem, public_line = _client_key_files(name)
+    private_pem, public_line = key_pair_bytes(name)
     layout.clients_dir.mkdir(mode=0o700, exist_ok=True)
-    _write_atomic(private_path, private_pem, 0o600, exclusive=True)
-    _write_atomic(public_path, public_line, 0o644, exclusive=True)
+    write_atomic(private_path, private_pem, 0o600, exclusive=True)
+    write_atomic(public_path, public_line, 0o644, exclusive=True)
     _write_manifest(layout, [*entries, _manifest_entry(layout, name, datetime.now(UTC))])
     return private_path, public_path
+
+
+def invite_client(root: Path, name: str, public_key_file: Path) -> tuple[Path, str]:
+    """Invite a site by the public key it made itself; returns (stored key, fingerprint).
+
+    The operator never holds the site's private key. Everything is checked before the first
+    write; the key is copied to clients/NAME.pub, then the manifest is replaced atomically.
+    """
+    layout = CertsLayout(Path(root))
+    _check_client_name(name)
+    entries = _read_manifest(layout)
+    _check_new_name(layout, entries, name)
+    _, line = load_public_key(Path(public_key_file))
+    print_ = fingerprint(line)
+    for entry in entries:
+        other = layout.client_public_key(entry["name"])
+        if other.is_file() and fingerprint(load_public_key(other)[1]) == print_:
+            raise CertificateError(
+                f"{public_key_file}: this key is already {entry['name']!r}'s"
+                f"{' (revoked)' if entry.get('revoked') else ''}; ask the site for its own key, "
+                "made with `confide certs keygen`"
+            )
+    public_path = layout.client_public_key(name)
+    layout.clients_dir.mkdir(mode=0o700, exist_ok=True)
+    write_atomic(public_path, line.rstrip(b"\n") + f" confide-{name}\n".encode(), 0o644,
+                 exclusive=True)  # fmt: skip
+    try:
+        _write_manifest(layout, [*entries, _manifest_entry(layout, name, datetime.now(UTC))])
+    except BaseException:
+        public_path.unlink(missing_ok=True)
+        raise
+    return public_path, print_
+
+
+def revoke_client(root: Path, name: str) -> datetime:
+    """Withdraw a site's invitation: the manifest marks it revoked (its public key stays, so the
+    coordinator can find and unregister its node, and a site can be told it was revoked)."""
+    layout = CertsLayout(Path(root))
+    entries = _read_manifest(layout)
+    entry = next((e for e in entries if e["name"] == name), None)
+    if entry is None:
+        invited = ", ".join(e["name"] for e in entries if not e.get("revoked")) or "none"
+        raise CertificateError(
+            f"{layout.manifest}: no site named {name!r} is invited (invited: {invited}); check "
+            "the name with `confide certs show`"
+        )
+    if entry.get("revoked"):
+        raise CertificateError(
+            f"{layout.manifest}: {name!r} was already revoked on {entry['revoked']}; nothing to do"
+        )
+    now = datetime.now(UTC)
+    revoked = {**entry, "revoked": now.isoformat(timespec="seconds")}
+    _write_manifest(layout, [revoked if e is entry else e for e in entries])
+    return now
+
+
+def revoked_clients(root: Path) -> dict[str, Path]:
+    """Revoked site name -> its (former) public key file, where it still exists."""
+    layout = CertsLayout(Path(root))
+    return {
+        entry["name"]: layout.client_public_key(entry["name"])
+        for entry in _read_manifest(layout)
+        if entry.get("revoked") and layout.client_public_key(entry["name"]).is_file()
+    }
+
+
+def _check_new_name(layout: CertsLayout, entries: list[dict[str, str]], name: str) -> None:
+    existing = next((e for e in entries if e["name"] == name), None)
+    if existing is not None:
+        state = f"was revoked on {existing['revoked']}" if existing.get("revoked") else (
+            "is already invited")  # fmt: skip
+        raise CertificateError(
+            f"{layout.manifest}: site {name!r} {state}; invite this key under another name"
+        )
+    for path in (layout.client_private_key(name), layout.client_public_key(name)):
+        if path.exists():
+            raise CertificateError(
+                f"{path}: leftover key file for uninvited site {name!r}; delete it or pick "
+                "another name"
+            )
 
 
 def describe(root: Path) -> tuple[list[CertificateInfo], list[ClientKeyInfo]]:
@@ -288,10 +371,12 @@ def verify_key_matches_certificate(cert: Path, key: Path) -> None:
 
 
 def client_public_keys(root: Path) -> dict[str, Path]:
-    """Invited client name -> OpenSSH public key file, in invitation order."""
+    """Invited (not revoked) client name -> OpenSSH public key file, in invitation order."""
     layout = CertsLayout(Path(root))
     keys: dict[str, Path] = {}
     for entry in _read_manifest(layout):
+        if entry.get("revoked"):
+            continue
         path = layout.client_public_key(entry["name"])
         if not path.is_file():
             raise CertificateError(
@@ -306,12 +391,7 @@ def client_public_keys(root: Path) -> dict[str, Path]:
 
 
 def _check_client_name(name: str) -> str:
-    # The name becomes a file name and a CLI argument: no path separators, no leading '-'.
-    if not isinstance(name, str) or not _CLIENT_NAME.fullmatch(name):
-        raise CertificateError(
-            f"client name {name!r} is invalid; use 1-63 of a-z, 0-9 and '-', not starting with '-'"
-        )
-    return name
+    return check_site_name(name)
 
 
 def _check_client_names(names: Sequence[str]) -> list[str]:
@@ -435,20 +515,6 @@ def _build_server_cert(
     )
 
 
-def _client_key_files(name: str) -> tuple[bytes, bytes]:
-    """(OpenSSH private key PEM, OpenSSH public key line), the formats flwr loads."""
-    key = ec.generate_private_key(_CURVE())
-    private_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.OpenSSH,
-        serialization.NoEncryption(),  # flower-supernode loads it with password=None
-    )
-    public_line = key.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-    )
-    return private_pem, public_line + f" confide-{name}\n".encode()
-
-
 def _pkcs8(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,
@@ -541,22 +607,9 @@ def _certificate_info(path: Path, now: datetime) -> CertificateInfo:
 
 
 def _ssh_fingerprint(path: Path) -> str:
-    """`SHA256:<base64>` over the key blob, the same string `ssh-keygen -lf` prints."""
-    data = _read(path, "client public key")
-    try:
-        key = serialization.load_ssh_public_key(data)
-    except (ValueError, UnsupportedAlgorithm):
-        raise CertificateError(
-            f"{path}: not an OpenSSH public key line; restore it or re-invite the client"
-        ) from None
-    blob = base64.b64decode(
-        key.public_bytes(
-            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-        ).split()[1]
-    )
-    digest = hashes.Hash(hashes.SHA256())
-    digest.update(blob)
-    return "SHA256:" + base64.b64encode(digest.finalize()).decode().rstrip("=")
+    """`SHA256:<base64>`, the same string `ssh-keygen -lf` prints."""
+    _, line = load_public_key(path)
+    return fingerprint(line)
 
 
 # ------------------------------------------------------------------------------------- manifest
@@ -572,7 +625,7 @@ def _manifest_entry(layout: CertsLayout, name: str, added: datetime) -> dict[str
 
 def _write_manifest(layout: CertsLayout, entries: list[dict[str, str]]) -> None:
     doc = {"format": _MANIFEST_FORMAT, "clients": entries}
-    _write_atomic(layout.manifest, (json.dumps(doc, indent=2) + "\n").encode(), 0o644)
+    write_atomic(layout.manifest, (json.dumps(doc, indent=2) + "\n").encode(), 0o644)
 
 
 def _read_manifest(layout: CertsLayout) -> list[dict[str, str]]:
@@ -594,45 +647,3 @@ def _read_manifest(layout: CertsLayout) -> list[dict[str, str]]:
             f"{layout.manifest}: corrupt client manifest; restore it from a backup"
         ) from None
     return entries
-
-
-# --------------------------------------------------------------------------------------- writing
-
-
-def _write_atomic(path: Path, data: bytes, mode: int, *, exclusive: bool = False) -> None:
-    """Write via a 0600 temp file + rename: readers see the old file or the whole new one.
-
-    With `exclusive`, an existing file is never replaced (hard link fails on an existing name),
-    so a key can't be clobbered by a racing writer.
-    """
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        tmp.chmod(mode)
-        if exclusive:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise CertificateError(
-                    f"{path}: already exists, refusing to overwrite a key; move it away first"
-                ) from None
-        else:
-            os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; not supported everywhere, and best-effort is enough.
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

@@ -34,8 +34,14 @@ def make_loader(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, dataset: EncodedDataset, batch_size: int, device: torch.device
+    model: nn.Module,
+    dataset: EncodedDataset,
+    batch_size: int,
+    device: torch.device,
+    max_record_loss: float | None = None,
 ) -> LocalResult:
+    """Mean loss and accuracy; `max_record_loss` clips each record's loss, which bounds what one
+    record adds to the sum (a site's noisy evaluation needs that bound)."""
     started = time.perf_counter()
     model.to(device).eval()
     total_loss, correct = 0.0, 0
@@ -43,7 +49,10 @@ def evaluate(
         inputs = [tensor.to(device) for tensor in inputs]
         labels = labels.to(device)
         logits = model(*inputs)
-        total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
+        losses = F.cross_entropy(logits, labels, reduction="none")
+        if max_record_loss is not None:
+            losses = losses.clamp(max=max_record_loss)
+        total_loss += losses.sum().item()
         correct += (logits.argmax(dim=1) == labels).sum().item()
     count = len(dataset)
     return LocalResult(

@@ -4,15 +4,25 @@ Epsilon composes over the whole life of a data set, across rounds, process resta
 separate federations. Opacus' accountant lives in memory and dies with the engine, so each round
 is appended here and epsilon is always recomputed from the complete history.
 
-File layout (JSON, one file may hold several data sets, keyed by ``dataset_fingerprint``)::
+File layout (JSON, one file may hold several data sets, keyed by the name the site gives its
+records: the site's name unless its policy declares another data set)::
 
-    {"format": "confide-privacy-ledger", "version": 1,
-     "datasets": {"<fingerprint>": {"budget": {"target_epsilon": 3.0, "target_delta": 1e-05,
-                                                "accountant": "prv"} | null,
-                                     "entries": [{"run_id": ..., "server_round": ...,
-                                                  "noise_multiplier": ..., "sample_rate": ...,
-                                                  "steps": ..., "recorded_at": ...}, ...]}},
+    {"format": "confide-privacy-ledger", "version": 2,
+     "datasets": {"<name>": {"budget": {"target_epsilon": 3.0, "target_delta": 1e-05,
+                                         "accountant": "prv", "neighbours": "add-remove"} | null,
+                              "source": "/data/cleveland.csv (sha256 1f3a...)",
+                              "released_count": 187 | null,
+                              "entries": [{"run_id": ..., "server_round": ...,
+                                           "noise_multiplier": ..., "sample_rate": ...,
+                                           "steps": ..., "recorded_at": ...,
+                                           "purpose": "train" | "evaluate" | "count"}, ...]}},
      "sha256": "<sha256 of the canonical JSON of everything above>"}
+
+Every release computed from the records is an entry: DP-SGD rounds (``train``), noisy evaluation
+replies and the noisy record count (Gaussian mechanisms: sample rate 1, one step). The budget
+follows the name, not the file's bytes: appending or editing records keeps what was spent.
+Version 1 ledgers (training entries only, keyed by a fingerprint of the file) are read as they
+are and written back as version 2.
 
 Safety rules:
 
@@ -50,7 +60,9 @@ from common.privacy import HistoryEntry, PrivacyBudget, PrivacyConfigError, epsi
 logger = logging.getLogger(__name__)
 
 FORMAT = "confide-privacy-ledger"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
+PURPOSES = ("train", "evaluate", "count")
 FILE_MODE = 0o600
 
 
@@ -98,6 +110,7 @@ class LedgerEntry:
     sample_rate: float
     steps: int
     recorded_at: str = field(default_factory=_utc_now)
+    purpose: str = "train"
 
     def __post_init__(self) -> None:
         problem = _entry_problem(asdict(self))
@@ -123,7 +136,10 @@ def _entry_problem(raw: Any) -> str | None:
     """What is wrong with a raw entry dict, or None; shared by construction and loading."""
     if not isinstance(raw, dict):
         return "entry is not an object"
-    expected = {"run_id", "server_round", "noise_multiplier", "sample_rate", "steps", "recorded_at"}
+    expected = {
+        "run_id", "server_round", "noise_multiplier", "sample_rate", "steps", "recorded_at",
+        "purpose",
+    }  # fmt: skip
     if set(raw) != expected:
         return f"entry fields {sorted(raw)} != {sorted(expected)}"
     if not isinstance(raw["run_id"], str) or not isinstance(raw["recorded_at"], str):
@@ -136,6 +152,8 @@ def _entry_problem(raw: Any) -> str | None:
         return f"sample_rate must be in (0, 1], got {raw['sample_rate']!r}"
     if not _is_int(raw["steps"]) or raw["steps"] < 1:
         return f"steps must be an integer >= 1, got {raw['steps']!r}"
+    if raw["purpose"] not in PURPOSES:
+        return f"purpose must be one of {PURPOSES}, got {raw['purpose']!r}"
     return None
 
 
@@ -144,6 +162,7 @@ def _budget_record(budget: PrivacyBudget) -> dict[str, Any]:
         "target_epsilon": float(budget.target_epsilon),
         "target_delta": float(budget.target_delta),
         "accountant": budget.accountant,
+        "neighbours": budget.neighbours,
     }
 
 
@@ -185,7 +204,7 @@ def _parse(path: Path, raw: bytes) -> dict[str, Any]:
         raise fail(f"is not valid JSON ({type(exc).__name__})") from exc
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise fail("is not a Confide privacy ledger")
-    if doc.get("version") != VERSION:
+    if doc.get("version") not in READABLE_VERSIONS:
         raise fail(f"has unsupported version {doc.get('version')!r}")
     stored_hash = doc.pop("sha256", None)
     if not isinstance(stored_hash, str):
@@ -198,9 +217,16 @@ def _parse(path: Path, raw: bytes) -> dict[str, Any]:
         raise fail("fails its integrity check")
     if set(doc) != {"format", "version", "datasets"} or not isinstance(doc["datasets"], dict):
         raise fail("has an unexpected layout")
+    if doc["version"] == 1:
+        _upgrade_from_version_1(doc)
     for fingerprint, dataset in doc["datasets"].items():
-        if not isinstance(dataset, dict) or set(dataset) != {"budget", "entries"}:
+        if not isinstance(dataset, dict) or set(dataset) != DATASET_FIELDS:
             raise fail(f"has a malformed record for data set {fingerprint[:12]}")
+        count = dataset["released_count"]
+        if count is not None and (not _is_int(count) or count < 1):
+            raise fail(f"has an invalid released count for data set {fingerprint[:12]}")
+        if not isinstance(dataset["source"], str):
+            raise fail(f"has an invalid source for data set {fingerprint[:12]}")
         budget = dataset["budget"]
         if budget is not None:
             try:
@@ -214,6 +240,28 @@ def _parse(path: Path, raw: bytes) -> dict[str, Any]:
             if problem:
                 raise fail(f"has an invalid entry for data set {fingerprint[:12]} ({problem})")
     return doc
+
+
+DATASET_FIELDS = {"budget", "entries", "released_count", "source"}
+
+
+def _empty_dataset() -> dict[str, Any]:
+    return {"budget": None, "entries": [], "released_count": None, "source": ""}
+
+
+def _upgrade_from_version_1(doc: dict[str, Any]) -> None:
+    """Version 1 held DP-SGD rounds only, keyed by a fingerprint of the file's bytes."""
+    doc["version"] = VERSION
+    for dataset in doc["datasets"].values():
+        if not isinstance(dataset, dict):
+            continue  # reported as malformed by the caller
+        if isinstance(dataset.get("budget"), dict):
+            dataset["budget"].setdefault("neighbours", "add-remove")
+        for entry in dataset.get("entries", []) if isinstance(dataset.get("entries"), list) else []:
+            if isinstance(entry, dict):
+                entry.setdefault("purpose", "train")
+        dataset.setdefault("released_count", None)
+        dataset.setdefault("source", "")
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -286,7 +334,7 @@ class PrivacyLedger:
         return cls(path, fingerprint, _read(path))
 
     def _dataset(self) -> dict[str, Any]:
-        return self._content["datasets"].get(self.fingerprint, {"budget": None, "entries": []})
+        return self._content["datasets"].get(self.fingerprint, _empty_dataset())
 
     def entries(self) -> list[LedgerEntry]:
         """Every recorded round of every run on this data set, oldest first."""
@@ -301,9 +349,13 @@ class PrivacyLedger:
         raw = self._dataset()["budget"]
         return None if raw is None else PrivacyBudget(max_grad_norm=1.0, **raw)
 
-    def epsilon_spent(self, delta: float, accountant: str) -> float:
-        """Epsilon spent on this data set so far, at ``delta``, over every round of every run."""
-        return epsilon_of(self.history(), delta, accountant)
+    def epsilon_spent(self, delta: float, accountant: str, neighbours: str = "add-remove") -> float:
+        """Epsilon spent on this data set so far, at ``delta``, over every release of every run."""
+        return epsilon_of(self.history(), delta, accountant, neighbours)
+
+    def released_count(self) -> int | None:
+        """The noisy record count released earlier (repeating it costs nothing), or None."""
+        return self._dataset()["released_count"]
 
     def refresh(self) -> None:
         """Re-read the file: another process (another federation) may have recorded rounds.
@@ -317,11 +369,13 @@ class PrivacyLedger:
         stored = self._dataset()["budget"]
         if stored is not None and stored != _budget_record(budget):
             raise PrivacyConfigError(
-                f"privacy budget for data set {self.fingerprint[:12]} in {self.path} is "
+                f"privacy budget for data set {self.fingerprint!r} in {self.path} is "
                 f"epsilon {stored['target_epsilon']:g} at delta {stored['target_delta']:g} "
-                f"({stored['accountant']}), but this run asks for epsilon "
-                f"{budget.target_epsilon:g} at delta {budget.target_delta:g} "
-                f"({budget.accountant}); use the promised budget for this data set"
+                f"({stored['accountant']}, {stored['neighbours']}), but now it is "
+                f"epsilon {budget.target_epsilon:g} at delta {budget.target_delta:g} "
+                f"({budget.accountant}, {budget.neighbours}); a data set keeps the budget it was "
+                "first charged under: restore the site policy's max-epsilon, delta, accountant "
+                "and example-count, or declare a new data set (data-set in the policy)"
             )
 
     def _check(
@@ -331,14 +385,16 @@ class PrivacyLedger:
         # Validates the planned round the same way a recorded one is validated.
         LedgerEntry("check", 0, noise_multiplier, sample_rate, steps, "")
         history = self.history()
-        delta, mechanism = budget.target_delta, budget.accountant
-        after = epsilon_of([*history, (noise_multiplier, sample_rate, steps)], delta, mechanism)
+        delta, mechanism, relation = budget.target_delta, budget.accountant, budget.neighbours
+        after = epsilon_of(
+            [*history, (noise_multiplier, sample_rate, steps)], delta, mechanism, relation
+        )
         if after > budget.target_epsilon:
-            spent = epsilon_of(history, delta, mechanism)
+            spent = epsilon_of(history, delta, mechanism, relation)
             raise BudgetExhausted(
                 f"privacy budget exhausted: epsilon {spent:.2f} of "
                 f"{budget.target_epsilon:.2f} spent (delta {delta:g}); the next round would "
-                f"reach {after:.2f}, so it is refused for data set {self.fingerprint[:12]}"
+                f"reach {after:.2f}, so it is refused for data set {self.fingerprint!r}"
             )
         self._checked_budget = budget
         return after
@@ -369,7 +425,13 @@ class PrivacyLedger:
             self._content = _read(self.path)
             self._append(entry, budget)
 
-    def charge(self, budget: PrivacyBudget, entry: LedgerEntry) -> float:
+    def charge(
+        self,
+        budget: PrivacyBudget,
+        entry: LedgerEntry,
+        source: str = "",
+        released_count: int | None = None,
+    ) -> float:
         """Check and record one round in one locked step; returns epsilon after it.
 
         Use this before training (or at least before the update is sent) when several
@@ -379,13 +441,25 @@ class PrivacyLedger:
         with _locked(self.path):
             self._content = _read(self.path)
             after = self._check(budget, entry.noise_multiplier, entry.sample_rate, entry.steps)
-            self._append(entry, budget)
+            self._append(entry, budget, source, released_count)
         return after
 
-    def _append(self, entry: LedgerEntry, budget: PrivacyBudget | None) -> None:
-        """Caller holds the lock and has just re-read the file."""
+    def _append(
+        self,
+        entry: LedgerEntry,
+        budget: PrivacyBudget | None,
+        source: str = "",
+        released_count: int | None = None,
+    ) -> None:
+        """Caller holds the lock and has just re-read the file. `source` says where the records
+        are now (a person reading the ledger tells data sets apart by it); `released_count` is
+        stored with the charge for the noisy count, so it is only ever released once."""
         datasets = self._content["datasets"]
-        dataset = datasets.setdefault(self.fingerprint, {"budget": None, "entries": []})
+        dataset = datasets.setdefault(self.fingerprint, _empty_dataset())
+        if source:
+            dataset["source"] = source
+        if released_count is not None:
+            dataset["released_count"] = int(released_count)
         if budget is not None:
             if dataset["budget"] is None:
                 dataset["budget"] = _budget_record(budget)
@@ -398,8 +472,8 @@ class PrivacyLedger:
         dataset["entries"].append(asdict(entry))
         _write_atomic(self.path, self._content)
         logger.info(
-            "privacy ledger %s: recorded run %s round %d (sigma %.4g, q %.4g, %d steps)",
-            self.path, entry.run_id, entry.server_round, entry.noise_multiplier,
+            "privacy ledger %s: recorded %s of run %s round %d (sigma %.4g, q %.4g, %d steps)",
+            self.path, entry.purpose, entry.run_id, entry.server_round, entry.noise_multiplier,
             entry.sample_rate, entry.steps,
         )  # fmt: skip
 
@@ -413,9 +487,9 @@ class RunSummary:
     stores a target at that same delta.
     """
 
-    fingerprint: str
+    fingerprint: str  # the data set's name in the ledger
     run_id: str
-    rounds: int
+    rounds: int  # DP-SGD rounds of this run
     first_recorded_at: str
     last_recorded_at: str
     epsilon: float
@@ -423,6 +497,11 @@ class RunSummary:
     accountant: str
     target_epsilon: float | None
     budget_left: float | None
+    source: str = ""
+    evaluations: int = 0  # noisy evaluation replies of this run
+    split: dict[str, float] = field(default_factory=dict)
+    """Cumulative epsilon of each purpose alone (train, evaluate, count) up to this run; they
+    compose to ``epsilon``, which is less than their sum."""
 
 
 def summarize(path: Path, delta: float | None = None) -> list[RunSummary]:
@@ -452,6 +531,7 @@ def summarize(path: Path, delta: float | None = None) -> list[RunSummary]:
             assert stored is not None
             at_delta = stored.target_delta
         mechanism = stored.accountant if stored is not None else "prv"
+        relation = stored.neighbours if stored is not None else "add-remove"
         target = stored.target_epsilon if stored is not None else None
         same_delta = stored is not None and stored.target_delta == at_delta
         entries = ledger.entries()
@@ -461,12 +541,21 @@ def summarize(path: Path, delta: float | None = None) -> list[RunSummary]:
         for run_id, end in last_index.items():
             run_entries = [e for e in entries[: end + 1] if e.run_id == run_id]
             history = [e.history_entry for e in entries[: end + 1]]
-            epsilon = epsilon_of(history, at_delta, mechanism)
+            epsilon = epsilon_of(history, at_delta, mechanism, relation)
+            split = {
+                purpose: epsilon_of(
+                    [e.history_entry for e in entries[: end + 1] if e.purpose == purpose],
+                    at_delta,
+                    mechanism,
+                    relation,
+                )
+                for purpose in PURPOSES
+            }
             summaries.append(
                 RunSummary(
                     fingerprint=fingerprint,
                     run_id=run_id,
-                    rounds=len(run_entries),
+                    rounds=sum(e.purpose == "train" for e in run_entries),
                     first_recorded_at=run_entries[0].recorded_at,
                     last_recorded_at=run_entries[-1].recorded_at,
                     epsilon=epsilon,
@@ -476,6 +565,9 @@ def summarize(path: Path, delta: float | None = None) -> list[RunSummary]:
                     budget_left=(
                         max(0.0, target - epsilon) if same_delta and target is not None else None
                     ),
+                    source=content["datasets"][fingerprint]["source"],
+                    evaluations=sum(e.purpose == "evaluate" for e in run_entries),
+                    split=split,
                 )
             )
     return summaries

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from common.privacy import PrivacyBudget, PrivacyConfigError
+from common.site_policy import EXAMPLE_COUNT_MODES, TRAINING_METRICS_MODES
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,6 +40,7 @@ DP_MODES = ("auto", "hooks", "ew", "functorch", "ghost")
 TOKEN_EMBEDDINGS = ("frozen", "trained")
 SECAGG_MODULUS = 2**32  # SecAgg+'s masking modulus (Flower's default, and its maximum)
 CLIENT_DP_CLIPPING = ("server", "client", "adaptive")
+AUDIT_KINDS = ("white-box-gradient", "black-box-input")  # client/canaries.py
 
 
 class RunConfigError(ValueError):
@@ -90,6 +92,9 @@ class RunConfig:
     dp_optimizer: str
     dp_learning_rate: float
     dp_token_embedding: str
+    example_count: str
+    training_metrics: str
+    site_policy: str
     client_dp: bool
     client_dp_clipping: str
     client_dp_noise_multiplier: float
@@ -101,6 +106,8 @@ class RunConfig:
     secagg_clipping_range: float
     secagg_quantization_range: int
     secagg_max_weight: int
+    audit_canaries: int
+    audit_kind: str
     model_width: int
     model_depth: int
     model_heads: int
@@ -214,6 +221,18 @@ class RunConfig:
                 f"one of {', '.join(TOKEN_EMBEDDINGS)}",
             ),
             ("vocab-size", self.vocab_size >= 3, "an integer >= 3"),
+            (
+                "example-count",
+                self.example_count in EXAMPLE_COUNT_MODES,
+                f"one of {', '.join(EXAMPLE_COUNT_MODES)}",
+            ),
+            (
+                "training-metrics",
+                self.training_metrics in TRAINING_METRICS_MODES,
+                f"one of {', '.join(TRAINING_METRICS_MODES)}",
+            ),
+            ("audit-canaries", self.audit_canaries >= 0, "0 (no audit) or canaries per site"),
+            ("audit-kind", self.audit_kind in AUDIT_KINDS, f"one of {', '.join(AUDIT_KINDS)}"),
         ]
         for key, ok, expected in checks:
             if not ok:
@@ -234,10 +253,25 @@ class RunConfig:
             )
         if self.dp:
             self.privacy_budget()  # an impossible budget fails here, naming the setting
+        if self.audit_canaries and self.audit_kind == AUDIT_KINDS[0]:
+            self._check_gradient_canaries(source)
         if self.task == "custom" and not (self.data_file and self.schema_file):
             raise RunConfigError(
                 f"{source}: task 'custom' needs 'data-file' and 'schema-file' "
                 "(confide simulate --data FILE --schema SCHEMA.toml)"
+            )
+
+    def _check_gradient_canaries(self, source: str) -> None:
+        """White-box canaries live in Confide's flat DP-SGD optimizer (client/dp_optimizer.py)."""
+        if not self.dp:
+            raise RunConfigError(
+                f"{source}: audit-kind 'white-box-gradient' needs dp = true (its canaries enter "
+                "DP-SGD's clipped sum); set dp = true or audit-kind = 'black-box-input'"
+            )
+        if self.dp_mode == "ghost":
+            raise RunConfigError(
+                f"{source}: audit-kind 'white-box-gradient' cannot run with dp-mode 'ghost' "
+                "(Opacus' own optimizer, no canary hook); use dp-mode 'auto'"
             )
 
     def _check_secure_aggregation(self, source: str) -> None:
@@ -258,13 +292,13 @@ class RunConfig:
         if found:
             raise RunConfigError(f"{source}: secagg = true cannot run with " + "; ".join(found))
 
-    def privacy_budget(self, node_config: Mapping[str, Any] | None = None) -> PrivacyBudget:
-        """The run's budget, unless the node set its own `target-epsilon`/`target-delta`."""
-        node_config = node_config or {}
+    def privacy_budget(self) -> PrivacyBudget:
+        """The budget the run asks for: each site plans its releases within it, and its own
+        policy's max-epsilon caps it (client/private_training.py)."""
         try:
             return PrivacyBudget(
-                target_epsilon=float(node_config.get("target-epsilon", self.target_epsilon)),
-                target_delta=float(node_config.get("target-delta", self.target_delta)),
+                target_epsilon=self.target_epsilon,
+                target_delta=self.target_delta,
                 max_grad_norm=self.max_grad_norm,
                 accountant=self.accountant,
             )

@@ -330,6 +330,9 @@ _HEADER = """\
 # numeric.<column>: encoded as (value - center) / scale.
 # categorical.<column>: encoded as 1 + position in categories; 0 = a value not listed.
 # The order of the tables is the order of the model's inputs.
+# Drafted by `confide schema infer`? Then center/scale are the mean and standard deviation of the
+# file it read and categories its distinct values: statistics of those records. Replace them with
+# reference values (published norms, code lists) before sharing this file with the federation.
 """
 
 

@@ -17,7 +17,7 @@ from common.schema import SchemaError, infer_schema, save_schema
 from common.site_data import DataFileError
 from common.tasks import load_task
 from confide.deploy_cli import certs_app, coordinator_app, join
-from confide.terminal import console, fail
+from confide.terminal import console, fail, warn
 from server.tensorboard_export import export_tensorboard, tensorboard_missing
 from simulations.scenario import Scenario, ScenarioError
 from simulations.sweep import plan_sweep
@@ -169,6 +169,63 @@ def simulate_run(
     console.print(f"run directory: {run_dir} (report.md)")
 
 
+@app.command()
+def audit(
+    scenario: Annotated[str, typer.Argument(help="A preset (heart, bank, ...) or a .toml file")],
+    out: Annotated[
+        Path | None, typer.Option(help="Run directory (default runs/audit-NAME)")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="KEY=VALUE for any run-config key")
+    ] = None,
+    canaries: Annotated[
+        int | None, typer.Option(help="Canaries per site (default: 1000 over all sites)")
+    ] = None,
+    kind: Annotated[
+        str | None,
+        typer.Option(help="white-box-gradient (default under DP) | black-box-input (default)"),
+    ] = None,
+    confidence: Annotated[float, typer.Option(help="Confidence of the lower bound")] = 0.95,
+    rounds: Annotated[int | None, typer.Option(help="Server rounds")] = None,
+    quiet: Annotated[bool, typer.Option(help="No live display (CI)")] = False,
+    verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs")] = False,
+) -> None:
+    """Check the privacy claim: an empirical lower bound on epsilon from one run.
+
+    Every simulated site plants canaries in its own training (half of them, at random, kept
+    out); the bound follows from how many the trained model gives away (Steinke et al. 2023).
+    Writes RUN/audit.json and an audit section in RUN/report.md."""
+    from common.privacy_audit import AuditSettingError
+    from simulations.audit import audit_scenario, run_audit
+    from simulations.scenario import load_scenario
+
+    try:
+        overrides: dict[str, Any] = dict(parse_override(item) for item in set_ or [])
+        if rounds is not None:
+            overrides["num-server-rounds"] = rounds
+        run_dir = (out or Path("runs") / f"audit-{Path(scenario).stem}").resolve()
+        overrides["run-dir"] = str(run_dir)
+        plan = audit_scenario(load_scenario(scenario, overrides), kind, canaries, confidence)
+        load_task(plan.config)
+    except (*USER_ERRORS, AuditSettingError) as error:
+        raise fail(str(error)) from None
+    try:
+        result = run_audit(plan, confidence, lambda p: simulate_run(p, True, quiet, verbose, False))
+    except AuditSettingError as error:
+        raise fail(str(error)) from None
+    document = result.document
+    console.print(
+        f"audit ({document['kind']}): epsilon >= {document['epsilon_lower_bound']:.3f} at "
+        f"{confidence:.0%} confidence, delta {document['delta']:g} "
+        f"({document['correct']} of {document['guesses']} guesses right, "
+        f"{document['canaries']} canaries)"
+    )
+    claim = document["claimed_epsilon"]  # without one, the verdict says so (NO_CLAIM)
+    console.print(f"{document['verdict']}\naudit: {run_dir / 'audit.json'} (report.md)")
+    if claim is not None and document["epsilon_lower_bound"] > claim:
+        raise typer.Exit(code=1)
+
+
 def resumable_config(run_dir: Path) -> dict[str, Any]:
     """The settings a run was started with, from its metrics.json."""
     from server.run_record import ResumeError, resumable_metrics
@@ -199,6 +256,11 @@ def schema_infer(
         f"{', text ' + repr(schema.text) if schema.text else ''}; label {schema.label!r} with "
         f"{len(schema.classes)} classes"
     )
+    warn(
+        f"{target} holds statistics of {file}'s records (each numeric column's mean and standard "
+        "deviation, each categorical column's distinct values): replace them with reference "
+        "values before sharing it with the federation"
+    )
 
 
 @app.command()
@@ -218,7 +280,8 @@ def privacy(
         "data set",
         "run",
         "rounds",
-        "last round at",
+        "evaluations",
+        "last release at",
         "epsilon (cumulative)",
         "delta",
         "budget left",
@@ -227,14 +290,16 @@ def privacy(
     for run in runs:
         left = "" if run.budget_left is None else f"{run.budget_left:.3f} of {run.target_epsilon:g}"
         table.add_row(
-            run.fingerprint[:12], run.run_id, str(run.rounds), run.last_recorded_at,
-            f"{run.epsilon:.3f}", f"{run.delta:g}", left,
+            run.fingerprint, run.run_id, str(run.rounds), str(run.evaluations),
+            run.last_recorded_at, f"{run.epsilon:.3f}", f"{run.delta:g}", left,
         )  # fmt: skip
     console.print(table)
     totals: dict[str, RunSummary] = {run.fingerprint: run for run in runs}  # last run = total
-    for fingerprint, run in totals.items():
+    for name, run in totals.items():
+        split = ", ".join(f"{purpose} alone {eps:.3f}" for purpose, eps in run.split.items() if eps)
         console.print(
-            f"data set {fingerprint[:12]}: total epsilon {run.epsilon:.3f} at delta {run.delta:g}"
+            f"data set {name!r} ({run.source or 'source not recorded'}): total epsilon "
+            f"{run.epsilon:.3f} at delta {run.delta:g} ({split}; they compose to the total)"
             + (f", budget left {run.budget_left:.3f}" if run.budget_left is not None else "")
         )
 

@@ -14,12 +14,21 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from common.certificates import CertificateError, CertsLayout, add_client, describe, init_certs
+from common.certificates import (
+    CertificateError,
+    CertsLayout,
+    add_client,
+    describe,
+    init_certs,
+    invite_client,
+    revoke_client,
+)
 from common.partition import PartitionError
 from common.processes import ProcessError, is_loopback, stop_on_signals
 from common.run_config import RunConfigError, parse_override
 from common.schema import SchemaError
 from common.site_data import DataFileError
+from common.site_policy import PolicyError, load_policy
 from confide.terminal import console, fail, warn
 
 EXPIRY_WARNING_DAYS = 30
@@ -47,38 +56,87 @@ def certs_init(
     host: Annotated[
         list[str], typer.Option(help="Names/IPs clients dial, comma-separated (become SANs)")
     ],
-    clients: Annotated[list[str], typer.Option(help="Client names, e.g. hospital-1,bank-1")],
+    clients: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="REHEARSAL ON ONE MACHINE ONLY: also make these sites' private keys here. Real "
+            "sites make their own (`certs keygen`) and you invite them with `certs add-client "
+            "--public-key`"
+        ),
+    ] = None,
     valid_days: Annotated[int, typer.Option(help="Validity of the CA and certificate")] = 365,
+    ca_key_out: Annotated[
+        Path | None,
+        typer.Option(help="Write the CA key here (e.g. removable media), not into --out"),
+    ] = None,
 ) -> None:
-    """Create the CA, the coordinator's TLS certificate and one key pair per client."""
+    """Create the CA and the coordinator's TLS certificate (and, for a rehearsal, site keys)."""
+    names = _split(clients or [])
     try:
-        layout = init_certs(out, _split(host), _split(clients), valid_days)
+        layout = init_certs(out, _split(host), names, valid_days, ca_key_out=ca_key_out)
     except CertificateError as error:
         raise fail(str(error)) from None
+    ca_key = ca_key_out or layout.ca_key
     console.print(f"created {layout.root} (valid {valid_days} days):")
-    console.print(_files_table(layout, _split(clients)))
+    console.print(_files_table(layout, names, ca_key))
+    if names:
+        warn(
+            f"rehearsal keys: {', '.join(names)}'s private keys were made HERE "
+            f"({layout.clients_dir}/NAME.key); in a real federation each site runs `confide "
+            "certs keygen` itself and sends you only its .pub"
+        )
+    where = "" if ca_key_out else f"; move {ca_key} offline (it must not stay on the coordinator)"
     console.print(
-        "next: copy ca.crt, server.crt and server.key to the coordinator machine; send each "
-        "client its clients/NAME.key and ca.crt over a secure channel; keep ca.key offline."
+        f"next: copy ca.crt, server.crt, server.key, clients.json and clients/*.pub to the "
+        f"coordinator machine{where}; give each site ca.crt; invite each site by the public key "
+        f"it made (`confide certs add-client {layout.root} NAME --public-key NAME.pub`).",
+        highlight=False,
     )
 
 
-def _files_table(layout: CertsLayout, clients: list[str]) -> Table:
+def _files_table(layout: CertsLayout, clients: list[str], ca_key: Path) -> Table:
     table = Table(show_header=True)
     table.add_column("file", overflow="fold")
     table.add_column("what")
     table.add_column("who may see it")
     table.add_row(str(layout.ca_cert), "CA certificate", "everyone (public)")
-    table.add_row(str(layout.ca_key), "CA private key", "[red]the operator only, offline[/]")
+    table.add_row(str(ca_key), "CA private key", "[red]the operator only, offline[/]")
     table.add_row(str(layout.server_cert), "coordinator TLS certificate", "everyone (public)")
     table.add_row(str(layout.server_key), "coordinator TLS key", "[red]coordinator machine only[/]")
     for name in clients:
         table.add_row(
-            str(layout.client_private_key(name)), f"{name}'s private key", f"[red]{name} only[/]"
+            str(layout.client_private_key(name)),
+            f"{name}'s private key (rehearsal)",
+            f"[red]{name} only[/]",
         )
         table.add_row(str(layout.client_public_key(name)), f"{name}'s public key", "coordinator")
     table.add_row(str(layout.manifest), "invited clients", "coordinator (public)")
     return table
+
+
+@certs_app.command("keygen")
+def certs_keygen(
+    out: Annotated[Path, typer.Option(help="Directory for NAME.key (private) and NAME.pub")],
+    name: Annotated[str, typer.Option(help="This site's name, e.g. bank-1")],
+) -> None:
+    """At the site: make this site's own key pair; send only NAME.pub to the operator."""
+    from common.site_keys import generate_site_key
+
+    try:
+        pair = generate_site_key(out, name)
+    except CertificateError as error:
+        raise fail(str(error)) from None
+    console.print(f"private key: {pair.private_key} (mode 0600; never leaves this machine)",
+                  highlight=False)  # fmt: skip
+    console.print(f"public key:  {pair.public_key}", highlight=False)
+    console.print(pair.public_key.read_text().strip(), highlight=False, soft_wrap=True)
+    console.print(f"fingerprint: {pair.fingerprint}", highlight=False)
+    console.print(
+        f"next: send {pair.public_key.name} to the coordinator's operator and read them the "
+        "fingerprint over the phone; join with `confide join --key "
+        f"{pair.private_key} ...` once invited.",
+        highlight=False,
+    )
 
 
 @certs_app.command("show")
@@ -120,18 +178,48 @@ def certs_show(directory: Annotated[Path, typer.Argument(help="A certificates di
 @certs_app.command("add-client")
 def certs_add_client(
     directory: Annotated[Path, typer.Argument(help="The certificates directory")],
-    name: Annotated[str, typer.Argument(help="The new client's name, e.g. hospital-3")],
+    name: Annotated[str, typer.Argument(help="The new site's name, e.g. bank-2")],
+    public_key: Annotated[
+        Path | None,
+        typer.Option(help="The NAME.pub the site made with `confide certs keygen`"),
+    ] = None,
 ) -> None:
-    """Invite one more client: a new key pair, added to the manifest."""
+    """Invite a site by its public key (without --public-key: a rehearsal key pair made here)."""
     try:
-        private_key, public_key = add_client(directory, name)
+        if public_key is not None:
+            stored, print_ = invite_client(directory, name, public_key)
+            console.print(f"invited {name}: public key {stored}, fingerprint {print_} (check it "
+                          f"with the site)", highlight=False)  # fmt: skip
+        else:
+            private_key, stored = add_client(directory, name)
+            warn(
+                f"rehearsal: {name}'s private key was made here ({private_key}); a real site "
+                "makes its own with `confide certs keygen` and you pass --public-key"
+            )
     except CertificateError as error:
         raise fail(str(error)) from None
-    console.print(f"invited {name}: private key {private_key} (send it to {name} only), public "
-                  f"key {public_key}")  # fmt: skip
     console.print(
-        "the coordinator registers it on its next `confide coordinator start` or "
-        "`confide coordinator run`."
+        "a running coordinator using this directory registers it within seconds (no restart); "
+        "otherwise at its next `confide coordinator start` or `run`.",
+        highlight=False,
+    )
+
+
+@certs_app.command("revoke")
+def certs_revoke(
+    directory: Annotated[Path, typer.Argument(help="The certificates directory")],
+    name: Annotated[str, typer.Argument(help="The site to remove from the federation")],
+) -> None:
+    """Withdraw a site's invitation; a running coordinator unregisters its node within seconds."""
+    try:
+        when = revoke_client(directory, name)
+    except CertificateError as error:
+        raise fail(str(error)) from None
+    console.print(
+        f"revoked {name} ({when:%Y-%m-%d %H:%M} UTC): a running coordinator using this directory "
+        "unregisters its node within seconds and refuses its next connection; otherwise at its "
+        "next `confide coordinator start` or `run`.",
+        highlight=False,
     )
 
 
@@ -149,12 +237,16 @@ def coordinator_start(
     insecure: Annotated[
         bool, typer.Option(help="Plaintext, loopback experiments only (never in production)")
     ] = False,
+    max_request_mb: Annotated[
+        int, typer.Option(help="Largest request body a site may send, MB (Flower: 5 MB chunks)")
+    ] = 8,
 ) -> None:
     """Start the coordinator in the foreground; Ctrl-C or SIGTERM stops everything it started."""
     from server.coordinator import (
         CoordinatorError,
         StartSettings,
         abort_on_sigterm,
+        ca_key_warning,
         serve,
         start_coordinator,
     )
@@ -163,7 +255,8 @@ def coordinator_start(
         certs = None
         if is_loopback(host):
             warn("--insecure: clients connect WITHOUT TLS or authentication; experiments only")
-    settings = StartSettings(certs=certs, state=state, host=host, port=port, insecure=insecure)
+    settings = StartSettings(certs=certs, state=state, host=host, port=port, insecure=insecure,
+                             max_request_mb=max_request_mb)  # fmt: skip
     abort_on_sigterm()
     try:
         coordinator = start_coordinator(settings)
@@ -171,6 +264,9 @@ def coordinator_start(
         raise fail(str(error)) from None
     except KeyboardInterrupt:
         raise fail("interrupted while starting; everything started was stopped") from None
+    risk = ca_key_warning(certs)
+    if risk:
+        warn(f"DANGER: {risk}")
     should_stop = threading.Event()
     stop_on_signals(should_stop)
     console.print(
@@ -205,8 +301,7 @@ def coordinator_status(
     state: Annotated[Path, typer.Option(help="The state directory given to `start`")],
 ) -> None:
     """Is the coordinator up, where, and which sites are online."""
-    from server.coordinator import CoordinatorError
-    from server.coordinator_run import online_sites
+    from server.coordinator import CoordinatorError, online_sites
 
     try:
         status, nodes = online_sites(state)
@@ -245,6 +340,10 @@ def coordinator_run(
     secagg: Annotated[
         bool, typer.Option(help="SecAgg+: the coordinator sees only the masked sum of the models")
     ] = False,
+    schema: Annotated[
+        Path | None,
+        typer.Option(help="A custom task: the schema every site joined with (--schema)"),
+    ] = None,
 ) -> None:
     """Train on the joined clients and write the run directory, like `confide simulate`."""
     from server.coordinator import CoordinatorError
@@ -261,7 +360,7 @@ def coordinator_run(
         overrides["secagg"] = True
     request = RunRequest(
         state=state, out=out or resume, rounds=rounds, overrides=overrides, clients=clients,
-        wait_timeout=wait_timeout, run_timeout=timeout, resume=resume is not None,
+        wait_timeout=wait_timeout, run_timeout=timeout, resume=resume is not None, schema=schema,
     )  # fmt: skip
 
     def waiting(online: int, expected: int) -> None:
@@ -312,8 +411,24 @@ def join(
     insecure: Annotated[
         bool, typer.Option(help="Plaintext, loopback experiments only (never in production)")
     ] = False,
+    policy: Annotated[
+        Path | None,
+        typer.Option(help="Your site's privacy policy (TOML; docs/privacy.md); default: strict"),
+    ] = None,
+    require_dp: Annotated[
+        bool | None,
+        typer.Option(
+            "--require-dp/--no-require-dp", help="Refuse runs without DP-SGD (default: yes)"
+        ),
+    ] = None,
+    max_epsilon: Annotated[
+        float | None, typer.Option(help="Your data set's lifetime epsilon (default 3)")
+    ] = None,
+    delta: Annotated[
+        float | None, typer.Option(help="Your delta (default: a power of ten <= 1/(10 n))")
+    ] = None,
 ) -> None:
-    """Check your data file, then connect to the coordinator and train when it asks."""
+    """Check your data file and policy, then connect to the coordinator and train when it asks."""
     from client.join import (
         DEFAULT_TASK,
         JoinError,
@@ -330,10 +445,15 @@ def join(
             warn("--key is ignored with --insecure (Flower authenticates SuperNodes only over TLS)")
     if insecure:
         key = None
+    flags = {"require-dp": require_dp, "max-epsilon": max_epsilon, "delta": delta}
+    try:
+        site_policy = load_policy(policy, {k: v for k, v in flags.items() if v is not None})
+    except PolicyError as error:
+        raise fail(str(error)) from None
     settings = JoinSettings(
         role=role, data=data, coordinator=coordinator, ca=ca, key=key,
         name=name or (key.stem if key else role), ledger=ledger, task=task, schema=schema,
-        insecure=insecure, work_dir=work_dir,
+        insecure=insecure, work_dir=work_dir, policy=site_policy,
     )  # fmt: skip
     schema_name = str(schema) if schema else (task or DEFAULT_TASK.get(role, "?"))
     console.print(f"checking {data} against the federation's schema ({schema_name})")
@@ -346,6 +466,9 @@ def join(
         f"{'PLAINTEXT, no identity check' if insecure else 'coordinator certificate verified'}; "
         f"connecting to {plan.host}:{plan.port} as {settings.name} ({role})"
     )
+    for line in site_policy.lines():
+        console.print(line)
+    console.print(f"privacy ledger: {plan.ledger}")
     should_stop = threading.Event()
     stop_on_signals(should_stop)
     try:

@@ -8,6 +8,13 @@ exactly the Fleet endpoints a SuperNode calls (`POST /v1/fleet/<name>`, exact ma
 to the canonical path) and answers 404 to everything else. The coordinator operator reaches the
 Control API on loopback, on the coordinator machine itself.
 
+A request body larger than what Flower ever sends is refused (413) by nginx before it reaches the
+SuperLink: Flower pushes a model as separate objects, each array split into chunks of at most
+5 MB (`FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE`), so the largest request is one chunk plus framing,
+whatever the model's size. `SITE_STATUS_PREFIX` answers "invited" or "revoked" for a key's
+fingerprint, so a refused site can say why (server/coordinator.py `write_site_status` writes the
+map nginx includes; the coordinator reloads nginx when it changes).
+
 The hop from nginx to the SuperLink is TLS too (a loopback-only certificate the coordinator makes
 for itself), so nothing on this machine sees plaintext model updates either.
 """
@@ -25,6 +32,7 @@ from common.processes import (
     find_executable,
     last_error_line,
 )
+from common.site_keys import SITE_STATUS_PREFIX
 
 # Every route of flwr 1.42's Fleet router (flwr/superlink/routers/fleet/router.py); a test checks
 # this list against the installed Flower so an upgrade cannot silently open or close a path.
@@ -48,6 +56,8 @@ NGINX_HINT = (
 )
 # The name nginx checks on the SuperLink's loopback certificate (nginx matches DNS SANs only).
 UPSTREAM_TLS_NAME = "localhost"
+# One 5 MB array chunk (Flower's default) plus protobuf framing, with room to spare.
+DEFAULT_MAX_REQUEST_MB = 8
 
 
 @dataclass(frozen=True)
@@ -61,6 +71,8 @@ class ProxySettings:
     upstream_port: int
     upstream_ca: Path
     workdir: Path
+    max_request_mb: int = DEFAULT_MAX_REQUEST_MB
+    site_status: Path | None = None  # nginx map file: key fingerprint URI -> status
 
     @property
     def config_path(self) -> Path:
@@ -103,6 +115,26 @@ def nginx_config(settings: ProxySettings) -> str:
         }}"""
         for endpoint in FLEET_ENDPOINTS
     )
+    status_map, status_location = "", ""
+    if settings.site_status is not None:
+        status_map = f"""
+    map_hash_bucket_size 128;  # keys are 64-character paths
+    map $uri $confide_site_status {{
+        default "";
+        include {_quote(settings.site_status)};
+    }}
+"""
+        status_location = f"""
+
+        # Why a site was refused: invited or revoked, by its key's fingerprint; nothing else.
+        location ^~ {SITE_STATUS_PREFIX} {{
+            limit_except GET {{ deny all; }}
+            default_type text/plain;
+            if ($confide_site_status = "") {{
+                return 404;
+            }}
+            return 200 "$confide_site_status\n";
+        }}"""
     return f"""# Written by `confide coordinator start`; regenerated on every start, do not edit.
 worker_processes 1;
 pid {_quote(work / "nginx.pid")};
@@ -117,7 +149,7 @@ http {{
     uwsgi_temp_path {_quote(work / "tmp" / "uwsgi")};
     scgi_temp_path {_quote(work / "tmp" / "scgi")};
     server_tokens off;
-
+{status_map}
     upstream superlink {{
         server 127.0.0.1:{settings.upstream_port};
         keepalive 32;
@@ -125,7 +157,7 @@ http {{
 
     server {{
         listen {listen};{tls_lines}
-        client_max_body_size 0;           # model updates are large; Flower bounds them itself
+        client_max_body_size {settings.max_request_mb}m;  # one array chunk; see the module doc
 
         # Every forwarded request goes to the SuperLink over loopback TLS, verified.
         proxy_http_version 1.1;
@@ -139,7 +171,7 @@ http {{
         proxy_buffering off;
         proxy_read_timeout 300s;
         proxy_send_timeout 300s;
-{locations}
+{locations}{status_location}
 
         # Control API, Runtime API, /docs, /openapi.json, /health: not from the outside.
         location / {{

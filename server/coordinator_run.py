@@ -12,17 +12,21 @@ continued after its last complete round, with the settings it was started with.
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.certificates import CertificateError, client_public_keys
+from common.certificates import CertificateError
 from common.run_config import PROJECT_ROOT, RunConfig, RunConfigError
 from server import flwr_control
-from server.coordinator import CoordinatorError, StateLayout, register_clients, running_status
+from server.coordinator import (
+    CoordinatorError,
+    StateLayout,
+    ready_status,
+    sync_invitations,
+)
 from server.flwr_control import ControlConnection, ControlError
 from server.run_record import ResumeError, resumable_metrics
 from simulations.progress import read_metrics
@@ -41,6 +45,7 @@ class RunRequest:
     wait_timeout: float = 600.0
     run_timeout: float = 6 * 3600.0
     resume: bool = False  # continue `out` after its last complete round
+    schema: Path | None = None  # a custom task: the federation's own schema file
 
 
 @dataclass(frozen=True)
@@ -55,40 +60,14 @@ class SubmittedRun:
 def connect(state: Path) -> tuple[ControlConnection, dict[str, Any]]:
     """The Control API of the coordinator running for `state`, or a one-line error."""
     layout = StateLayout(state.resolve())
-    status = running_status(layout.root)
-    if status is not None and status.get("status") == "starting":
-        raise CoordinatorError(
-            f"{layout.status_file}: the coordinator for {layout.root} is still starting; "
-            "run this again once `confide coordinator status` says ready"
-        )
-    if status is None or status.get("status") != "ready":
-        raise CoordinatorError(
-            f"{layout.status_file}: no coordinator is running for {layout.root}; start it with "
-            f"`confide coordinator start --certs DIR --state {layout.root}`"
-        )
+    status = ready_status(layout.root)
     connection = ControlConnection(
-        layout.flwr_home, status["control_address"], layout.internal_tls.ca_cert
+        layout.flwr_home,
+        status["control_address"],
+        layout.internal_tls.ca_cert,
+        layout.operator_credential,
     )
     return connection, status
-
-
-def online_sites(state: Path) -> tuple[dict[str, Any], list[dict[str, str]]]:
-    """The running coordinator's status and every node it knows, named where it can."""
-    connection, status = connect(state)
-    try:
-        registered = json.loads(StateLayout(state.resolve()).registered.read_text())
-    except (OSError, ValueError):
-        registered = {}
-    names = {str(entry.get("node_id")): name for name, entry in registered.items()}
-    try:
-        nodes = flwr_control.list_nodes(connection)
-    except ControlError as error:
-        raise CoordinatorError(str(error)) from None
-    return status, [
-        {"name": names.get(str(node["node-id"]), "-"), "node": str(node["node-id"]),
-         "status": str(node.get("status", "?"))}
-        for node in nodes
-    ]  # fmt: skip
 
 
 def run_config_for(request: RunRequest, expected_clients: int) -> RunConfig:
@@ -99,6 +78,14 @@ def run_config_for(request: RunRequest, expected_clients: int) -> RunConfig:
         except ResumeError as error:
             raise CoordinatorError(f"--resume {request.out}: {error}") from None
         overrides = {**recorded, **overrides, "resume": True}
+    if request.schema is not None:
+        schema = request.schema.expanduser().resolve()
+        if not schema.is_file():
+            raise CoordinatorError(f"--schema {request.schema}: no such file; pass the schema "
+                                   "every site checks its records against")  # fmt: skip
+        # Each site trains on its own file (`confide join --data`); the run only names the task.
+        overrides.update(task="custom", **{"schema-file": str(schema)})
+        overrides.setdefault("data-file", "each-site-s-own-records")
     if request.rounds is not None:
         overrides["num-server-rounds"] = request.rounds
     overrides.setdefault("num-clients", expected_clients)
@@ -139,8 +126,9 @@ def submit_run(
     registered: dict[str, Any] = {}
     if status.get("certs"):
         try:
-            keys = client_public_keys(Path(status["certs"]))
-            registered = register_clients(connection, keys, StateLayout(request.state).registered)
+            registered = sync_invitations(
+                connection, StateLayout(request.state.resolve()), Path(status["certs"])
+            )
         except (CertificateError, ControlError) as error:
             raise CoordinatorError(str(error)) from None
     elif request.clients is None:

@@ -26,6 +26,8 @@ if TYPE_CHECKING:  # secure_aggregation raises this module's FederationError
     from server.secure_aggregation import SecureAggregation
 
 log = logging.getLogger(__name__)
+REFUSED = 403
+"""A site's reply that declines on purpose (its policy, its budget): the ClientApp's code."""
 
 
 class FederationError(RuntimeError):
@@ -68,6 +70,7 @@ class RoundRecord:
             "loss": self.loss,
             "seconds": self.seconds,
             "failed": len(self.failures),
+            "refused": sum(bool(f.get("refused")) for f in self.failures),
             "failures": self.failures,
             "rejected": len(self.rejected),
             "rejections": self.rejected,
@@ -105,7 +108,11 @@ def split_replies(replies: Iterable[Message]) -> tuple[list[Message], list[dict[
         if reply.has_error():
             reason = (reply.error.reason or "no reason given").strip().splitlines()
             failures.append(
-                {"id": reply.metadata.src_node_id, "reason": reason[-1] if reason else ""}
+                {
+                    "id": reply.metadata.src_node_id,
+                    "reason": reason[-1] if reason else "",
+                    "refused": reply.error.code == REFUSED,
+                }
             )
             log.warning("node %s failed: %s", reply.metadata.src_node_id, failures[-1]["reason"])
         else:
@@ -143,7 +150,8 @@ def evaluate_round(
         if train_metrics and node in train_metrics:
             trained = train_metrics[node]
             client["train_examples"] = int(trained["num-examples"])
-            client["train_seconds"] = float(trained["train-seconds"])
+            if "train-seconds" in trained:  # under DP only where the site's policy allows it
+                client["train_seconds"] = float(trained["train-seconds"])
             if "epsilon" in trained:  # DP-SGD: cumulative over the data set's whole history
                 client["epsilon"] = float(trained["epsilon"])
                 client["delta"] = float(trained["delta"])

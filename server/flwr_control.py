@@ -1,7 +1,9 @@
 """The coordinator's own hand on Flower's Control API: the `flwr` CLI, pointed at loopback.
 
 We drive Flower's supported client (`flwr ... --format json`) instead of its internal Python
-classes, so a Flower patch release changes nothing here. `flwr` reads its connections from
+classes, so a Flower patch release changes nothing here; it runs as `server/operator_cli.py`, which
+adds the operator credential the SuperLink demands on its Control API
+(server/operator_credential.py). `flwr` reads its connections from
 `$FLWR_HOME/config.toml`; the coordinator gives it a home inside its state directory, so the
 operator's own `~/.flwr` is never read or written, and the only connection it knows is the
 SuperLink on 127.0.0.1 (TLS, trusting the coordinator's loopback CA).
@@ -12,12 +14,14 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from common.flower_args import FlowerArgumentError, key_values
-from common.processes import child_environment, find_executable
+from common.processes import child_environment
+from server.operator_credential import TOKEN_FILE_ENV
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,7 @@ class ControlConnection:
     flwr_home: Path
     address: str  # 127.0.0.1:PORT
     root_certificates: Path
+    credential: Path  # the operator credential file (0600), proof of being the operator
 
     def write_config(self) -> None:
         """(Re)write `$FLWR_HOME/config.toml` with our single connection as the default."""
@@ -53,8 +58,7 @@ class ControlConnection:
 
     def call(self, *args: str, timeout: float = CALL_TIMEOUT_SECONDS) -> dict[str, Any]:
         """Run `flwr ARGS --format json`; returns the JSON document or raises ControlError."""
-        argv = [str(find_executable("flwr", "reinstall Confide: pip install -e .")), *args]
-        argv += ["--format", "json"]
+        argv = [sys.executable, "-m", "server.operator_cli", *args, "--format", "json"]
         try:
             result = subprocess.run(
                 argv,
@@ -63,7 +67,9 @@ class ControlConnection:
                 timeout=timeout,
                 check=False,
                 cwd=self.flwr_home,
-                env=child_environment({"FLWR_HOME": str(self.flwr_home)}),
+                env=child_environment(
+                    {"FLWR_HOME": str(self.flwr_home), TOKEN_FILE_ENV: str(self.credential)}
+                ),
             )
         except subprocess.TimeoutExpired:
             raise ControlError(
@@ -103,6 +109,11 @@ def register_node(connection: ControlConnection, public_key: Path, name: str) ->
             return None
         raise
     return int(document["node-id"])
+
+
+def unregister_node(connection: ControlConnection, node_id: int) -> None:
+    """Withdraw a node: its key no longer authenticates (Flower keeps the row, as unregistered)."""
+    connection.call("supernode", "unregister", str(node_id), CONNECTION)
 
 
 def list_nodes(connection: ControlConnection) -> list[dict[str, Any]]:

@@ -8,6 +8,7 @@ report can be redrawn from any run directory.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display on a coordinator or in CI
 import matplotlib.pyplot as plt
+import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -35,7 +37,60 @@ def write_run_report(metrics: dict[str, Any], run_dir: Path) -> None:
         figures.append(
             ("Privacy spent per client (DP-SGD)", _save(_epsilon(epsilons), run_dir, "epsilon.png"))
         )
-    write_atomically(run_dir / "report.md", report_markdown(metrics, figures).encode())
+    markdown = report_markdown(metrics, figures)
+    audit_path = run_dir / AUDIT_FILE
+    if audit_path.is_file():  # `confide audit` ran on this run directory
+        markdown += audit_markdown(json.loads(audit_path.read_text(encoding="utf-8")))
+    write_atomically(run_dir / "report.md", markdown.encode())
+
+
+AUDIT_FILE = "audit.json"
+AUDIT_PLOT = "audit_scores.png"
+
+
+def audit_markdown(audit: dict[str, Any]) -> str:
+    """The audit section: the bound beside the claim, and what it means."""
+    claim = audit["claimed_epsilon"]
+    lines = [
+        "",
+        "## Privacy audit (one run, Steinke et al. 2023)",
+        "",
+        f"**{audit['verdict']}**",
+        "",
+        "| kind | canaries | guesses | correct | confidence | delta | lower bound | claimed epsilon |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {audit['kind']} | {audit['canaries']} | {audit['guesses']} | {audit['correct']} | "
+        f"{audit['confidence']:g} | {audit['delta']:g} | {audit['epsilon_lower_bound']:.3f} | "
+        f"{'none' if claim is None else f'{claim:.3f}'} |",
+        "",
+        "With this confidence, training is *not* (lower bound, delta)-DP; a lower bound above the "
+        "claimed epsilon means a bug in DP-SGD or its accounting. A bound below it proves "
+        "nothing more than that this audit found no such bug.",
+        "",
+        f"![canary scores]({AUDIT_PLOT})",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def save_audit_plot(
+    included: np.ndarray, excluded: np.ndarray, audit: dict[str, Any], run_dir: Path
+) -> str:
+    """Scores of included and excluded canaries (standardised per site): the further apart,
+    the more the trained model reveals about which were in."""
+    figure, axis = plt.subplots(figsize=(8, 4))
+    bins = np.histogram_bin_edges(np.concatenate([included, excluded]), bins=40)
+    axis.hist(excluded, bins=bins, alpha=0.6, label=f"excluded ({len(excluded)})")
+    axis.hist(included, bins=bins, alpha=0.6, label=f"included ({len(included)})")
+    claim = audit["claimed_epsilon"]
+    axis.set(
+        xlabel="canary score (standardised per site)",
+        ylabel="canaries",
+        title=f"{audit['kind']}: epsilon >= {audit['epsilon_lower_bound']:.2f} at "
+        f"{audit['confidence']:.0%}" + ("" if claim is None else f" (claimed {claim:.2f})"),
+    )
+    axis.legend()
+    return _save(figure, run_dir, AUDIT_PLOT)
 
 
 def latest_epsilons(rounds: list[dict[str, Any]]) -> dict[str, float]:

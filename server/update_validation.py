@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 
-from common.received_weights import ndarray
+from common.received_weights import ReceivedArrayError, ndarray
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,20 @@ def _num_examples(reply: Message) -> object:
 def global_values(global_arrays: ArrayRecord) -> dict[str, np.ndarray]:
     """The global model in float64, decoded once per round rather than once per reply."""
     return {name: ndarray(array).astype(np.float64) for name, array in global_arrays.items()}
+
+
+def decode_like(name: str, received: Array, expected: Array) -> np.ndarray:
+    """The received values, or ReceivedArrayError unless its .npy bytes are encoded exactly as
+    the global array's: the same header (dtype, byte order, fortran order, shape) and size, and
+    that header the one `np.save` writes for the dtype and shape both declare."""
+    values = ndarray(received, name)  # header exactly as declared, data exactly that size
+    header_length = len(received.data) - values.nbytes
+    if (
+        len(received.data) != len(expected.data)
+        or received.data[:header_length] != expected.data[:header_length]
+    ):
+        raise ReceivedArrayError(f"'{name}': its .npy header differs from the global model's")
+    return values
 
 
 def screen_update(
@@ -68,7 +82,10 @@ def screen_update(
                 f"'{name}' is {received.dtype}{list(received.shape)}, "
                 f"expected {expected.dtype}{list(expected.shape)}"
             )
-        values = ndarray(received)
+        try:
+            values = decode_like(name, received, expected)
+        except ReceivedArrayError as error:
+            return str(error)
         if not np.all(np.isfinite(values)):
             return f"'{name}' holds NaN or infinite values"
         deltas[name] = values.astype(np.float64) - reference[name]

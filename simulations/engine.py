@@ -12,17 +12,12 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-
-from flwr.app import Context, RecordDict
-from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
-from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
-from flwr.supercore.constant import NOOP_FEDERATION_ID
-from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
-from flwr.supercore.telemetry import EventType
+from typing import TYPE_CHECKING
 
 from common.run_config import PROJECT_ROOT, RunConfig
-from simulations.dispatch import install_one_pass_dispatch
+
+if TYPE_CHECKING:  # Flower (and with it Ray and SQLAlchemy) loads only when a run starts, so
+    from flwr.supercore.run import Run  # the command line stays quick for everything else
 
 SERVER_APP = "server.app:app"
 CLIENT_APP = "client.app:app"
@@ -57,7 +52,11 @@ def run_in_simulation(config: RunConfig, resources: Resources, verbose: bool = F
     # Ray runs workers at niceness 15: on a busy laptop the virtual clients then lose the CPU to
     # everything else (measured 1.9x fewer client-rounds/s at 1,000 clients, bench/results/scale.md).
     os.environ.setdefault("RAY_worker_niceness", "0")
+    from flwr.app import Context, RecordDict
     from flwr.simulation.run_simulation import _run_simulation  # imports Ray: only when running
+    from flwr.supercore.telemetry import EventType
+
+    from simulations.dispatch import install_one_pass_dispatch
 
     install_one_pass_dispatch()  # Flower's per-node message scan, see simulations/dispatch.py
     run = _new_run(config)
@@ -99,6 +98,12 @@ def run_in_simulation(config: RunConfig, resources: Resources, verbose: bool = F
 
 def _new_run(config: RunConfig) -> Run:
     """A run record carrying our overrides, so every virtual client sees the same config."""
+    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
+    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+
     run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
     run.override_config = config.to_mapping()
     run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)

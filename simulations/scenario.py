@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from common.run_config import RunConfig, RunConfigError
+from common.site_policy import PolicyError, load_policy
 from simulations.engine import Resources
 
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
@@ -69,13 +70,30 @@ def build_scenario(
 ) -> Scenario:
     """One checked scenario from a file's settings, with `overrides` taking precedence."""
     settings = {**document, **(overrides or {})}
+    settings.update(_site_policy_path(path, document, overrides or {}))
     description = settings.pop("description", "")
     resources = _resources(settings.pop("resources", {}), path)
     try:
         config = RunConfig.from_mapping(settings, source=str(path))
     except RunConfigError as error:
         raise ScenarioError(str(error)) from None
+    if config.site_policy:  # every site's table checked before anything starts
+        try:
+            load_policy(Path(config.site_policy))
+        except PolicyError as error:
+            raise ScenarioError(str(error)) from None
     return Scenario(path.stem, str(description), config, resources)
+
+
+def _site_policy_path(
+    path: Path, document: dict[str, Any], overrides: dict[str, Any]
+) -> dict[str, str]:
+    """A policy named in a scenario file is found beside it; one from --set, from here."""
+    if isinstance(overrides.get("site-policy"), str) and overrides["site-policy"]:
+        return {"site-policy": str(Path(overrides["site-policy"]).resolve())}
+    if isinstance(document.get("site-policy"), str) and document["site-policy"]:
+        return {"site-policy": str((path.parent / document["site-policy"]).resolve())}
+    return {}
 
 
 def _resources(table: Any, path: Path) -> Resources:

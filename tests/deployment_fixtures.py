@@ -36,6 +36,7 @@ from common.tasks import BUNDLED_SCHEMAS, load_heart_rows
 CONFIDE = [sys.executable, "-m", "confide"]
 START_TIMEOUT = 240.0  # a shared 2-core CI machine can be slow to import torch and Flower
 SITES = {"hospital-1": ("cleveland", "hospital"), "bank-1": ("hungary", "bank")}
+REHEARSAL_POLICY = "require-dp = false\nmax-epsilon = 8.0\n"  # runs without DP are accepted
 
 
 def confide(
@@ -150,6 +151,7 @@ class Federation:
     port: int
     coordinator: Background | None = None
     sites: dict[str, Background] = field(default_factory=dict)
+    site_policy: str = REHEARSAL_POLICY  # "": the strict built-in defaults
 
     @property
     def address(self) -> str:
@@ -176,6 +178,14 @@ class Federation:
         wait_for(lambda: ready() or not coordinator.alive(), START_TIMEOUT, "the coordinator")
         assert ready(), coordinator.output()[-3000:]
 
+    def policy_file(self) -> str:
+        """The sites' policy file ("" for none: the strict defaults refuse runs without DP)."""
+        if not self.site_policy:
+            return ""
+        path = self.root / "site-policy.toml"
+        path.write_text(self.site_policy)
+        return str(path)
+
     def join_args(self, name: str, **overrides: str) -> list[str]:
         site, role = SITES.get(name, ("cleveland", "hospital"))
         options = {
@@ -187,6 +197,7 @@ class Federation:
             "--key": str(self.certs.client_private_key(name)) if name in SITES else "",
             "--name": name,
             "--work-dir": str(self.root / "nodes" / name),
+            "--policy": self.policy_file(),
         }
         options.update(overrides)
         return ["join", *[item for key, value in options.items() if value for item in (key, value)]]
@@ -217,10 +228,11 @@ def make_federation(root: Path) -> Federation:
 
 
 @contextlib.contextmanager
-def running_federation(root: Path) -> Iterator[Federation]:
+def running_federation(root: Path, site_policy: str = REHEARSAL_POLICY) -> Iterator[Federation]:
     """A TLS coordinator and both invited sites; afterwards everything stopped, and checked so."""
     require_nginx()
     fed = make_federation(root)
+    fed.site_policy = site_policy
     try:
         fed.start_coordinator()
         for name in SITES:

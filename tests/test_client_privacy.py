@@ -3,8 +3,6 @@ the ledger's history is the accountant's truth. Real Opacus throughout."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from flwr.app import ArrayRecord
@@ -14,6 +12,7 @@ from client.app import app as client_app
 from client.dp_optimizer import FlatPrivacyEngine
 from client.local_data import load_local_split
 from client.private_training import (
+    SitePrivacy,
     freeze_token_table,
     noise_only_step,
     opacus_mode,
@@ -23,9 +22,10 @@ from common.model_factory import build_model
 from common.privacy import epsilon_of
 from common.privacy_ledger import PrivacyLedger
 from common.run_config import RunConfig
+from common.site_policy import SitePolicy
 from common.tasks import task_schema
 from server.app import update_policy
-from server.federation import FederationError, run_round
+from server.federation import FederationError, evaluate_round, run_round
 from server.strategy_choice import build_strategy
 from tests.local_grid import LocalGrid
 
@@ -77,37 +77,48 @@ def test_the_ledger_history_reproduces_the_reported_epsilon(tmp_path):
     config = dp_config(tmp_path)
     records = run_rounds(config, hospitals(), rounds=2)
     ledger_file = tmp_path / "privacy-ledgers" / "cleveland.json"
-    datasets = json.loads(ledger_file.read_text())["datasets"]
-    (fingerprint,) = datasets
-    ledger = PrivacyLedger.open(ledger_file, fingerprint)
-    assert [entry.server_round for entry in ledger.entries()] == [1, 2]
+    ledger = PrivacyLedger.open(ledger_file, "cleveland")  # keyed by the site's name
+    entries = ledger.entries()
+    assert [e.server_round for e in entries if e.purpose == "train"] == [1, 2]
+    assert [e.purpose for e in entries].count("count") == 1  # released once, then repeated
+    assert [e.purpose for e in entries].count("evaluate") == 2
+    last_train = max(i for i, e in enumerate(entries) if e.purpose == "train")
     reported = next(c for c in records[-1].clients if c["name"] == "cleveland")["epsilon"]
-    assert epsilon_of(ledger.history(), 1e-5, "prv") == pytest.approx(reported, rel=1e-9)
+    history = [e.history_entry for e in entries[: last_train + 1]]
+    assert epsilon_of(history, 1e-5, "prv") == pytest.approx(reported, rel=1e-9)
 
 
-def test_a_site_whose_budget_allows_three_rounds_refuses_the_fourth(tmp_path):
-    # A fixed sigma (agreed for utility), and one hospital with a smaller budget of its own.
+def test_a_fixed_sigma_whose_plan_overspends_the_site_is_refused_before_any_charge(tmp_path):
+    policy = tmp_path / "policy.toml"
+    policy.write_text("max-epsilon = 8.0\n[sites.switzerland]\nmax-epsilon = 2.0\n")
     config = dp_config(
-        tmp_path, **{"noise-multiplier": 2.0, "num-server-rounds": 5, "target-epsilon": 50.0}
+        tmp_path,
+        **{"noise-multiplier": 2.0, "num-server-rounds": 5, "target-epsilon": 2.0},
+        **{"site-policy": str(policy)},
     )
-    run_rounds(config, hospitals(), rounds=1)
-    ledgers = tmp_path / "privacy-ledgers"
-    swiss = json.loads((ledgers / "switzerland.json").read_text())
-    (entry,) = next(iter(swiss["datasets"].values()))["entries"]
-    one_round = (entry["noise_multiplier"], entry["sample_rate"], entry["steps"])
-    three, four = (epsilon_of([one_round] * n, 1e-5, "prv") for n in (3, 4))
-    budget = (three + four) / 2
-    for ledger in ledgers.iterdir():
-        ledger.unlink()
+    (record,) = run_rounds(config, hospitals(), rounds=1)
+    (refusal,) = [f for f in record.failures if f["stage"] == "train"]
+    assert refusal["reason"].startswith("switzerland: refused by site policy")
+    assert "noise-multiplier = 2 would spend epsilon" in refusal["reason"]
+    assert refusal["refused"] is True
+    assert not (tmp_path / "privacy-ledgers" / "switzerland.json").exists()
 
-    records = run_rounds(config, hospitals(**{"2": {"target-epsilon": budget}}), rounds=5)
 
-    trained = [{c["name"] for c in r.clients if "epsilon" in c} for r in records]
-    assert ["switzerland" in names for names in trained] == [True, True, True, False, False]
-    assert all(len(names - {"switzerland"}) == 3 for names in trained)  # the others go on
-    (refusal,) = [f for f in records[3].failures if f["stage"] == "train"]
-    assert refusal["reason"].startswith("switzerland: privacy budget exhausted: epsilon")
-    assert f"of {budget:.2f} spent (delta 1e-05)" in refusal["reason"]
+def test_a_site_past_its_budget_stops_training_and_answering_evaluation(tmp_path):
+    """A coordinator that asks for more than it planned meets the ledger, not the plan."""
+    config = dp_config(tmp_path, **{"num-server-rounds": 1, "target-epsilon": 1.0})
+    grid = LocalGrid(client_app, config.to_mapping(), hospitals())
+    strategy = build_strategy(config)
+    arrays = ArrayRecord(build_model(task_schema(config), config).state_dict())
+    run_round(grid, strategy, arrays, 1, timeout=60, policy=update_policy(config))
+    with pytest.raises(FederationError, match="privacy budget exhausted"):
+        run_round(grid, strategy, arrays, 2, timeout=60, policy=update_policy(config))
+    answered = [evaluate_round(grid, strategy, arrays, r, timeout=60) for r in (2, 3)]
+    refused = answered[-1].failures  # the planned evaluations are spent by now
+    assert len(refused) == 4 and all(f["refused"] for f in refused)
+    assert all("exhausted" in f["reason"] or "are spent" in f["reason"] for f in refused)
+    ledger = PrivacyLedger.open(tmp_path / "privacy-ledgers" / "cleveland.json", "cleveland")
+    assert ledger.epsilon_spent(1e-5, "prv") <= 1.0
 
 
 def test_a_tampered_ledger_means_no_training_and_no_reset(tmp_path):
@@ -127,9 +138,9 @@ def test_a_tampered_ledger_means_no_training_and_no_reset(tmp_path):
     assert ledger_file.read_text() == tampered  # never reset
 
 
-def test_when_every_budget_is_spent_the_run_stops_with_the_reason(tmp_path):
+def test_when_every_site_refuses_the_run_stops_with_the_reason(tmp_path):
     config = dp_config(tmp_path, **{"noise-multiplier": 0.5, "target-epsilon": 0.5})
-    with pytest.raises(FederationError, match="privacy budget exhausted"):
+    with pytest.raises(FederationError, match="would spend epsilon"):
         run_rounds(config, hospitals(), rounds=1)
 
 
@@ -193,12 +204,12 @@ def test_sampling_and_noise_cannot_be_replayed_from_the_run_seed(tmp_path):
         torch.manual_seed(0)  # the same process state both times
         model = build_model(task_schema(config), config)
         ledger = PrivacyLedger.open(tmp_path / f"ledger-{attempt}.json", "fingerprint")
+        site = SitePrivacy(SitePolicy(max_epsilon=10.0), config.privacy_budget(), ledger, "test")
         train_privately(
             model,
             split.train,
             config,
-            config.privacy_budget(),
-            ledger,
+            site,
             "run",
             1,
             torch.device("cpu"),

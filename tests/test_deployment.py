@@ -22,15 +22,16 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from common.certificates import add_client, init_certs
+from common.certificates import init_certs
 from common.flower_args import key_values
 from common.processes import child_environment, find_executable, free_port, venv_bin
 from confide.cli import app
 from server import flwr_control
 from server.control_proxy import FLEET_ENDPOINTS, ProxySettings, check_config, nginx_config
-from server.coordinator import StateLayout
+from server.coordinator import StateLayout, online_sites
 from server.coordinator_run import connect
 from tests.deployment_fixtures import (
+    Background,
     Federation,
     confide,
     leftovers,
@@ -40,6 +41,7 @@ from tests.deployment_fixtures import (
     wait_for,
     write_site,
 )
+from tests.port_fuzz import FLEET_PAYLOADS, HTTP_REQUESTS, TLS_RECORDS, fuzz_public_port
 
 RUN_TIMEOUT = 900
 
@@ -313,11 +315,11 @@ def _attack(fed: Federation, *args: str) -> dict:
     return json.loads(result.stdout[result.stdout.index("{") :])
 
 
-def _https(fed: Federation, method: str, path: str) -> int:
+def _https(fed: Federation, method: str, path: str, body: bytes = b"") -> int:
     context = ssl.create_default_context(cafile=str(fed.certs.ca_cert))
     connection = http.client.HTTPSConnection("127.0.0.1", fed.port, context=context, timeout=30)
     try:
-        connection.request(method, path, body=b"" if method == "POST" else None,
+        connection.request(method, path, body=body if method == "POST" else None,
                            headers={"content-type": "application/protobuf"})  # fmt: skip
         return connection.getresponse().status
     finally:
@@ -361,32 +363,81 @@ def test_control_plane_is_closed_to_an_invited_client(federation):
 
 
 @pytest.mark.slow
-def test_two_sites_train_over_tls_and_write_the_run_directory(federation):
-    out = federation.root / "run"
-    result = confide(
-        "coordinator", "run", "--state", str(federation.state), "--rounds", "2",
-        "--set", "local-epochs=1", "--out", str(out), "--quiet", "--wait-timeout", "120",
-        timeout=RUN_TIMEOUT,
+def test_control_api_on_the_coordinator_machine_answers_only_the_operator(federation):
+    """Another local user reaches the SuperLink's loopback port and trusts its CA (public), but
+    holds no operator credential: every Control call is refused."""
+    fed = federation
+    home = fed.root / "local-user"
+    home.mkdir(exist_ok=True)
+    loopback = fed.status()["control_address"]
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "local"\n[superlink.local]\naddress = "{loopback}"\n'
+        f'root-certificates = "{StateLayout(fed.state).internal_tls.ca_cert}"\n'
+    )
+    stranger = fed.root / "local-user-key"
+    confide("certs", "keygen", "--out", str(stranger), "--name", "local-user")
+    for args in (("ls", "local"), ("supernode", "list", "local"),
+                 ("supernode", "register", str(stranger / "local-user.pub"), "local")):  # fmt: skip
+        result = subprocess.run(
+            [str(venv_bin() / "flwr"), *args, "--format", "json"],
+            capture_output=True, text=True, timeout=180, check=False, cwd=home,
+            env=child_environment({"FLWR_HOME": str(home)}),
+        )  # fmt: skip
+        answer = json.loads(result.stdout[result.stdout.index("{") :])
+        assert answer["success"] is False and "403 Forbidden" in answer["error-message"], args
+    assert stat.S_IMODE(StateLayout(fed.state).operator_credential.stat().st_mode) == 0o600
+    assert stat.S_IMODE(fed.state.stat().st_mode) == 0o700
+    connection, _ = connect(fed.state)
+    assert len(flwr_control.list_nodes(connection)) == 2  # the operator's own calls work
+
+
+@pytest.mark.slow
+def test_two_sites_train_over_tls_while_the_public_port_is_fuzzed(federation):
+    """The run trains while malformed TLS records, odd HTTP requests and garbage Fleet payloads
+    hit the public port (tests/port_fuzz.py); it completes with both sites, nothing lost."""
+    fed = federation
+    out = fed.root / "run"
+    run = Background(
+        ["coordinator", "run", "--state", str(fed.state), "--rounds", "2",
+         "--set", "local-epochs=1", "--out", str(out), "--quiet", "--wait-timeout", "120"],
+        fed.root / "run.log",
     )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    try:
+        wait_for(lambda: "2 rounds ->" in run.output() or not run.alive(), 300, "the run")
+        outcomes = fuzz_public_port(fed.port, fed.certs.ca_cert)
+        oversized = _https(fed, "POST", "/v1/fleet/push-object", body=b"\0" * (9 * 2**20))
+        assert run.wait(timeout=RUN_TIMEOUT) == 0, run.output()[-3000:]
+    finally:
+        run.stop()
+    (fed.root / "fuzz-outcomes.json").write_text(json.dumps(outcomes, indent=2))
+    assert oversized == 413  # larger than one array chunk: refused by nginx
+    assert sum(outcomes["tls"].values()) == TLS_RECORDS
+    assert sum(outcomes["http"].values()) == HTTP_REQUESTS
+    assert sum(outcomes["fleet"].values()) == FLEET_PAYLOADS
+    assert not {"200", "ConnectionRefusedError"} & set(outcomes["fleet"]), outcomes["fleet"]
+    assert fed.coordinator is not None and fed.coordinator.alive()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["status"] == "completed"
     assert [entry["round"] for entry in metrics["rounds"]] == [1, 2]
     names = {client["name"] for client in metrics["rounds"][-1]["clients"]}
     assert names == {"hospital-1", "bank-1"}
+    assert all(entry["failed"] == 0 for entry in metrics["rounds"])  # no reply lost
     assert metrics["config"]["num-clients"] == 2 and metrics["config"]["local-epochs"] == 1
     for name in ("model.safetensors", "accuracy_loss.png", "metrics.csv"):
         assert (out / name).stat().st_size > 0
-    assert "heart: completed" in result.stdout
+    assert "heart: completed" in run.output()
 
 
 @pytest.mark.slow
-def test_an_unregistered_key_is_refused(federation):
-    stranger = init_certs(federation.root / "stranger", ["127.0.0.1"], ["stranger"])
-    key = stranger.client_private_key("stranger")
-    result = confide(*federation.join_args("stranger", **{"--key": str(key)}), timeout=300)
+def test_a_key_never_invited_is_refused_saying_so(federation):
+    made = confide("certs", "keygen", "--out", str(federation.root / "stranger"), "--name", "x-1")
+    assert made.returncode == 0, made.stderr
+    key = federation.root / "stranger" / "x-1.key"
+    result = confide(*federation.join_args("x-1", **{"--key": str(key)}), timeout=300)
     assert result.returncode == 2
-    assert f"the key {key} is not registered there" in result.stderr
+    assert f"error: not invited: the coordinator does not know the key {key}" in " ".join(
+        result.stderr.split()
+    )
 
 
 @pytest.mark.slow
@@ -459,17 +510,30 @@ def test_state_survives_a_restart_and_sites_reconnect(federation):
 
 
 @pytest.mark.slow
-def test_a_client_invited_later_is_registered_by_the_next_run(federation, tmp_path):
-    """`certs add-client` + `coordinator run` admits the newcomer without a restart."""
+def test_a_site_invited_by_its_own_key_joins_at_once_and_a_revoked_one_is_refused(federation):
+    """Keys born at the site, an invitation by public key and a revocation, all while the
+    coordinator runs: no restart, and the other sites stay online throughout."""
     fed = federation
-    add_client(fed.certs.root, "hospital-2")
-    mode = stat.S_IMODE(fed.certs.client_private_key("hospital-2").stat().st_mode)
-    assert mode == 0o600
-    result = confide(
-        "coordinator", "run", "--state", str(fed.state), "--clients", "3", "--wait-timeout",
-        "1", "--out", str(tmp_path / "run"), "--quiet",
-    )  # fmt: skip
-    assert result.returncode == 2
-    assert "only 2 of 3 clients online" in result.stderr
+    site_keys = fed.root / "hospital-2-keys"
+    made = confide("certs", "keygen", "--out", str(site_keys), "--name", "hospital-2")
+    assert made.returncode == 0, made.stderr
+    invited = confide("certs", "add-client", str(fed.certs.root), "hospital-2",
+                      "--public-key", str(site_keys / "hospital-2.pub"))  # fmt: skip
+    assert invited.returncode == 0, invited.stderr
+    assert not fed.certs.client_private_key("hospital-2").exists()  # the operator never had it
+    args = fed.join_args("hospital-2", **{"--key": str(site_keys / "hospital-2.key")})
+    site = Background(args, fed.root / "join-hospital-2.log")
+    fed.sites["hospital-2"] = site
+    wait_for(lambda: "joined as node" in site.output() or not site.alive(), 300, "hospital-2")
+    assert "joined as node" in site.output(), site.output()[-3000:]
+
+    revoked = confide("certs", "revoke", str(fed.certs.root), "hospital-2")
+    assert revoked.returncode == 0, revoked.stderr
+    assert site.wait(timeout=120) == 2  # unregistered within seconds: its SuperNode is cut off
+    assert "error: revoked:" in site.output(), site.output()[-2000:]
+    again = confide(*args, timeout=300)
+    assert again.returncode == 2 and "error: revoked:" in again.stderr, again.stderr
     registered = json.loads(StateLayout(fed.state).registered.read_text())
-    assert "hospital-2" in registered
+    assert set(registered) == {"hospital-1", "bank-1"}
+    online = {n["name"] for n in online_sites(fed.state)[1] if n["status"] == "online"}
+    assert online == {"hospital-1", "bank-1"}

@@ -1,0 +1,105 @@
+"""Figures of `confide audit`: tightness (lower bound / claimed epsilon) at epsilon 8, 3 and 1,
+white-box and black-box, the audit's wall time, and what the canaries cost the model's accuracy.
+
+Each setting runs the real `confide audit` (Flower's simulation engine) `--repeats` times and
+reports medians; results land in bench/results/audit.json.
+
+    .venv/bin/python -m bench.audit --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def confide(*args: str) -> None:
+    command = [sys.executable, "-c", "from confide.cli import main; main()", *args, "--quiet"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode not in (0, 1):  # 1: a bound above the claim, still a measurement
+        raise RuntimeError(done.stderr)
+
+
+def final_accuracy(run_dir: Path) -> float:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return metrics["rounds"][-1]["accuracy"]
+
+
+def audit_once(scenario: str, epsilon: float | None, kind: str, rounds: int) -> dict:
+    with tempfile.TemporaryDirectory() as directory:
+        run_dir = Path(directory)
+        settings = ["--set", "dp=true", "--set", f"target-epsilon={epsilon}"] if epsilon else []
+        started = time.perf_counter()
+        confide("audit", scenario, *settings, "--kind", kind, "--rounds", str(rounds),
+                "--out", str(run_dir))  # fmt: skip
+        seconds = time.perf_counter() - started
+        audit = json.loads((run_dir / "audit.json").read_text())
+        audited = final_accuracy(run_dir)
+        confide(
+            "simulate",
+            scenario,
+            *settings,
+            "--rounds",
+            str(rounds),
+            "--out",
+            str(run_dir / "plain"),
+        )
+        return {
+            **audit,
+            "wall_seconds": seconds,
+            "accuracy_with_canaries": audited,
+            "accuracy_without": final_accuracy(run_dir / "plain"),
+        }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenario", default="heart")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--epsilons", type=float, nargs="+", default=[8.0, 3.0, 1.0])
+    parser.add_argument("--kinds", nargs="+", default=["white-box-gradient", "black-box-input"])
+    arguments = parser.parse_args()
+    rows = []
+    for epsilon in arguments.epsilons:
+        for kind in arguments.kinds:
+            runs = [
+                audit_once(arguments.scenario, epsilon, kind, arguments.rounds)
+                for _ in range(arguments.repeats)
+            ]
+            bounds = [run["epsilon_lower_bound"] for run in runs]
+            claims = [run["claimed_epsilon"] for run in runs]
+            rows.append(
+                {
+                    "epsilon": epsilon,
+                    "kind": kind,
+                    "bounds": bounds,
+                    "claims": claims,
+                    "median_tightness": statistics.median(
+                        b / c for b, c in zip(bounds, claims, strict=True)
+                    ),
+                    "any_above_claim": any(b > c for b, c in zip(bounds, claims, strict=True)),
+                    "median_wall_seconds": statistics.median(r["wall_seconds"] for r in runs),
+                    "median_accuracy_with_canaries": statistics.median(
+                        r["accuracy_with_canaries"] for r in runs
+                    ),
+                    "median_accuracy_without": statistics.median(
+                        r["accuracy_without"] for r in runs
+                    ),
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "audit.json").write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""The site executor's hand on its SuperNode's Runtime API: every Flower internal it needs, here.
+
+`flower-supernode --isolation process` spawns no ClientApp: each message becomes a task that an
+outside process claims over the SuperNode's loopback Runtime API (protobuf over HTTP), the protocol
+Flower's own `flwr-clientapp` and SuperExec speak. Flower has no public client for it, so this
+module borrows their functions (task claim, input pull, reply push) and is the only Confide module
+that names them. They are Flower 1.42 internals: on another Flower, importing this module fails
+with one line saying so, before anything starts, instead of an AttributeError in the middle of a
+round.
+"""
+
+# ruff: noqa: E402  (the version check must run before the internal imports below)
+
+from __future__ import annotations
+
+import importlib.metadata
+
+FLWR_SERIES = "1.42."
+
+
+def flower_series_problem(installed: str) -> str | None:
+    """Why the installed Flower cannot serve the site executor, or None."""
+    if installed.startswith(FLWR_SERIES):
+        return None
+    return (
+        f"Confide's site executor speaks the Runtime API of flwr {FLWR_SERIES}x "
+        f"(client/flower_runtime.py) but flwr {installed} is installed; reinstall Confide "
+        "(`pip install -e .` pins Flower) or port client/flower_runtime.py to this Flower"
+    )
+
+
+_PROBLEM = flower_series_problem(importlib.metadata.version("flwr"))
+if _PROBLEM:
+    raise ImportError(_PROBLEM)
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+from flwr.app import Context, Message
+from flwr.cli.build import build_fab_from_disk
+from flwr.common.constant import ErrorCode, SubStatus
+from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
+    AcquireTaskRequest,
+    SendTaskHeartbeatRequest,
+)
+from flwr.supercore.constant import TaskType
+from flwr.supercore.interceptors import (
+    RuntimeTokenHttpInterceptor,
+    RuntimeVersionHttpInterceptor,
+    SuperExecAuthHttpInterceptor,
+)
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+log = logging.getLogger(__name__)
+
+CLIENT_APP_TASK = str(TaskType.CLIENT_APP)
+MESSAGE_TASKS = [CLIENT_APP_TASK, str(TaskType.AGENT_APP)]
+REFUSED_APP = ErrorCode.INVALID_FAB  # Flower's own code for "this node will not run that app"
+APP_RAISED = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+# Flower expires a claimed task after two missed 30 s heartbeats and answers "ClientApp stopped
+# responding" in its place; a beat every 10 s keeps a long training round claimed.
+HEARTBEAT_SECONDS = 10.0
+COMPONENT = "confide-site-executor"
+RuntimeUnavailable = httpx.HTTPError  # the SuperNode is not (yet, or any more) answering
+
+
+def build_app_package(root: Path) -> bytes:
+    """The app package `flwr run` would build from `root` (Flower's own rules, deterministic)."""
+    return build_fab_from_disk(root)
+
+
+@dataclass(frozen=True)
+class TaskInput:
+    """What one task brings: the message, its context (node and run config) and the run's app
+    package, which is only ever read as bytes."""
+
+    task_type: str
+    run_id: int
+    package: bytes
+    message: Message
+    context: Context
+
+
+class ClaimedTask:
+    """One claimed task: a client that carries its token, and heartbeats that keep the claim."""
+
+    def __init__(self, address: str, token: str, task_type: str) -> None:
+        self.task_type = task_type
+        self._client = RuntimeHttpClient.from_server_address(
+            server_address=address, insecure=True, root_certificates=None,
+            interceptors=[RuntimeVersionHttpInterceptor(component_name=COMPONENT),
+                          RuntimeTokenHttpInterceptor(token)],
+        )  # fmt: skip
+        self._stopped = threading.Event()
+        self._heartbeat = threading.Thread(target=self._beat, daemon=True)
+        self._heartbeat.start()
+
+    def _beat(self) -> None:
+        while not self._stopped.wait(HEARTBEAT_SECONDS):
+            try:
+                self._client.SendTaskHeartbeat(SendTaskHeartbeatRequest())
+            except Exception as error:  # a missed beat is retried; never fatal
+                log.debug("task heartbeat failed: %s", error)
+
+    def pull_input(self) -> TaskInput:
+        message, context, run, fab = pull_task_input(self._client)
+        return TaskInput(self.task_type, run.run_id, fab.content, message, context)
+
+    def reply(self, reply: Message, context: Context, failure: str | None = None) -> None:
+        """Send `reply`, then close the task: completed, or failed with `failure` as its detail
+        (the context, the run's state across rounds, is kept only from a completed task)."""
+        push_message(self._client, reply, context)
+        push_task_output(
+            self._client,
+            context if failure is None else None,
+            SubStatus.FAILED if failure else SubStatus.COMPLETED,
+            failure or "",
+        )
+
+    def fail(self, details: str) -> None:
+        """Close the task as failed without a reply (its input could not even be read)."""
+        push_task_output(self._client, None, SubStatus.FAILED, details)
+
+    def __enter__(self) -> ClaimedTask:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stopped.set()
+        self._heartbeat.join(timeout=5)
+        self._client.close()
+
+
+class RuntimeApi:
+    """The SuperNode's Runtime API on loopback. Claiming a task is signed with the secret shared
+    with the SuperNode at start, so no other local process can take this site's messages."""
+
+    def __init__(self, address: str, secret: bytes) -> None:
+        self.address = address
+        self._client = RuntimeHttpClient.from_server_address(
+            server_address=address, insecure=True, root_certificates=None,
+            interceptors=[
+                RuntimeVersionHttpInterceptor(component_name=COMPONENT),
+                SuperExecAuthHttpInterceptor(
+                    master_secret=secret, protected_methods={"/flwr.proto.Runtime/AcquireTask"}
+                ),
+            ],
+        )  # fmt: skip
+
+    def claim(self) -> ClaimedTask | None:
+        """The oldest pending task, or None. Both kinds a SuperNode makes of a message are claimed
+        (an AgentApp run is then refused), so that none waits unanswered and blocks the site."""
+        response = self._client.AcquireTask(AcquireTaskRequest(supported_task_types=MESSAGE_TASKS))
+        if not response.HasField("task") or not response.token:
+            return None
+        return ClaimedTask(self.address, response.token, response.task.type)
+
+    def close(self) -> None:
+        self._client.close()

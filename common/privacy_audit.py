@@ -1,0 +1,140 @@
+"""An empirical lower bound on epsilon from one training run (Steinke, Nasr, Jagielski 2023).
+
+m canaries are each included with probability 1/2; after training an auditor guesses, for the
+r canaries it is most sure of, whether each was in (+) or out (-), and abstains on the rest. If
+training is (epsilon, delta)-DP, the number of correct guesses W obeys the paper's main theorem:
+
+    P[W >= v] <= P[Binomial(r, q) >= v] + 2 m delta * max_i P[v - i <= Binomial(r, q) < v] / i,
+    q = e^epsilon / (1 + e^epsilon)
+
+So v correct out of r with that probability below 1 - confidence refutes (epsilon, delta)-DP;
+the largest refuted epsilon is the lower bound. The delta term is what makes the bound valid
+against the (epsilon, delta) that DP-SGD actually claims (pure epsilon-DP it never has).
+
+Pure arithmetic (numpy, scipy): no torch and no Flower, so it can be checked alone against
+coin flips whose answer is known.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+GUESS_FRACTIONS = (0.05, 0.15, 0.4, 0.9)
+"""Shares of each site's canaries the auditor guesses on (half in, half out; not all of them: the included count is Binomial(m, 1/2), so
+guessing half of all as in would force errors). Every share is
+tried and the best kept, so each is tested at (1 - confidence) / len(GUESS_FRACTIONS): the union
+bound keeps the stated confidence however the best one is picked."""
+
+BISECTION_STEPS = 40
+
+
+class AuditSettingError(ValueError):
+    """An audit setting that cannot give a valid bound; the message names the fix."""
+
+
+def p_value(canaries: int, guesses: int, correct: int, epsilon: float, delta: float) -> float:
+    """Probability of `correct` or more right guesses out of `guesses` under (epsilon, delta)-DP,
+    with `canaries` canaries each included with probability 1/2 (the paper's Theorem 3.1)."""
+    if not 0 <= correct <= guesses <= canaries:
+        raise ValueError(f"need 0 <= correct ({correct}) <= guesses ({guesses}) <= canaries")
+    if epsilon < 0 or not 0 <= delta <= 1:
+        raise ValueError(f"need epsilon >= 0 and delta in [0, 1], got {epsilon}, {delta}")
+    q = 1 / (1 + math.exp(-epsilon))  # accuracy of epsilon-DP randomized response
+    tail = float(stats.binom.sf(correct - 1, guesses, q))  # P[Binomial >= correct]
+    if correct == 0 or delta == 0:
+        return min(tail, 1.0)
+    # P[correct - i <= Binomial < correct] for i = 1..correct, divided by i: its maximum.
+    below = stats.binom.pmf(np.arange(correct - 1, -1, -1), guesses, q)
+    alpha = float(np.max(np.cumsum(below) / np.arange(1, correct + 1)))
+    return min(tail + 2 * canaries * delta * alpha, 1.0)
+
+
+def epsilon_lower_bound(
+    canaries: int, guesses: int, correct: int, delta: float, confidence: float
+) -> float:
+    """The largest epsilon that `correct` of `guesses` refutes at `confidence`; 0 if none."""
+    check_confidence(confidence)
+    threshold = 1 - confidence
+    if p_value(canaries, guesses, correct, 0.0, delta) >= threshold:
+        return 0.0
+    low, high = 0.0, 1.0  # p_value(low) < threshold <= p_value(high)
+    while p_value(canaries, guesses, correct, high, delta) < threshold:
+        low, high = high, 2 * high
+    for _ in range(BISECTION_STEPS):
+        middle = (low + high) / 2
+        if p_value(canaries, guesses, correct, middle, delta) < threshold:
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def check_confidence(confidence: float) -> None:
+    if not 0 < confidence < 1:
+        raise AuditSettingError(
+            f"confidence {confidence!r} must be in (0, 1); use e.g. 0.95 (--confidence 0.95)"
+        )
+
+
+@dataclass(frozen=True)
+class SiteScores:
+    """One site's canaries: the auditor's score (higher = more likely included) and the truth."""
+
+    site: str
+    scores: np.ndarray  # float [m]
+    included: np.ndarray  # bool [m]
+
+
+@dataclass(frozen=True)
+class AuditBound:
+    epsilon_lower_bound: float
+    canaries: int
+    guesses: int
+    correct: int
+    guess_fraction: float
+    confidence: float
+    delta: float
+
+
+def guess(scores: np.ndarray, count: int) -> np.ndarray:
+    """+1 for the count // 2 highest scores, -1 for the count // 2 lowest (ties broken by
+    position), 0 (abstain) elsewhere: the paper's positive and negative guesses."""
+    order = np.argsort(scores, kind="stable")
+    guesses = np.zeros(len(scores), dtype=np.int8)
+    half = min(count // 2, len(scores) // 2)
+    if half:
+        guesses[order[-half:]] = 1
+        guesses[order[:half]] = -1
+    return guesses
+
+
+def audit_bound(
+    sites: Sequence[SiteScores],
+    delta: float,
+    confidence: float,
+    fractions: Sequence[float] = GUESS_FRACTIONS,
+) -> AuditBound:
+    """The best bound over `fractions`, each guessed per site (scores of different sites are on
+    different scales: each site ranks its own) and tested at the Bonferroni-corrected level."""
+    check_confidence(confidence)
+    total = sum(len(site.scores) for site in sites)
+    per_test = 1 - (1 - confidence) / len(fractions)
+    best = AuditBound(0.0, total, 0, 0, 0.0, confidence, delta)
+    for fraction in fractions:
+        guesses = correct = 0
+        for site in sites:
+            made = guess(site.scores, round(fraction * len(site.scores)))
+            truth = np.where(site.included, 1, -1)
+            guesses += int(np.count_nonzero(made))
+            correct += int(np.count_nonzero(made == truth))
+        if guesses == 0:
+            continue
+        bound = epsilon_lower_bound(total, guesses, correct, delta, per_test)
+        if bound > best.epsilon_lower_bound or best.guesses == 0:
+            best = AuditBound(bound, total, guesses, correct, fraction, confidence, delta)
+    return best

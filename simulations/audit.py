@@ -1,0 +1,183 @@
+"""`confide audit`: run a scenario with canaries planted at every simulated site, then turn the
+sites' scores into an empirical lower bound on epsilon (common/privacy_audit.py).
+
+The federation is the real one (ServerApp and ClientApp under Flower's simulation engine); the
+canaries are planted and scored by the sites' own code (client/canaries.py), so here, acting for
+the sites of a simulation, we only read their audit files, pool their guesses and compare the
+bound with what their ledgers claim.
+
+Canaries of all sites are pooled into one test: a record belongs to one site and only that
+site's DP-SGD touches it, so the whole federation is (epsilon, delta)-DP in each record with the
+largest epsilon any site's ledger records, and that is the claim the bound is set against.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from client.canaries import (
+    BLACK_BOX,
+    WHITE_BOX,
+    CanaryPlan,
+    audit_file,
+    input_canaries,
+    input_canary_scores,
+    read_audit_file,
+)
+from common.checkpoint import load_weights, write_json_atomically
+from common.model_factory import build_model
+from common.partition import client_split, partition_plan
+from common.privacy_audit import AuditSettingError, SiteScores, audit_bound, check_confidence
+from common.privacy_ledger import summarize
+from common.run_config import RunConfig
+from common.tasks import task_schema
+from simulations.scenario import Scenario
+
+TOTAL_CANARIES = 1000
+"""Default canaries in all, split evenly over the sites: about the most the bound's delta term
+allows at delta 1e-5 (2 m delta = 0.02 of the 0.05 a 95% bound may spend)."""
+NO_CLAIM = "no claimed epsilon: the bound stands alone"
+
+
+def audit_scenario(
+    scenario: Scenario, kind: str | None, canaries: int | None, confidence: float
+) -> Scenario:
+    """The scenario with its audit settings, checked before anything runs."""
+    check_confidence(confidence)
+    config = scenario.config
+    names, _ = partition_plan(config)
+    kind = kind or (WHITE_BOX if config.dp else BLACK_BOX)
+    if kind not in (WHITE_BOX, BLACK_BOX):
+        raise AuditSettingError(f"--kind {kind!r}: use {WHITE_BOX} or {BLACK_BOX}")
+    smallest = min(len(client_split(config, i).train) for i in range(len(names)))
+    if canaries is None:
+        canaries = max(1, TOTAL_CANARIES // len(names))
+        if kind == BLACK_BOX:
+            canaries = min(canaries, smallest)
+    if canaries < 1:
+        raise AuditSettingError(f"--canaries {canaries}: use at least 1 canary per site")
+    if kind == BLACK_BOX and canaries > smallest:
+        raise AuditSettingError(
+            f"--canaries {canaries}: the smallest site has {smallest} training records and input "
+            f"canaries may at most double a site's data; use --canaries {smallest} or fewer"
+        )
+    delta_term = 2 * canaries * len(names) * config.target_delta
+    if delta_term >= 1 - confidence:
+        fits = max(1, int((1 - confidence) / (2 * len(names) * config.target_delta)) - 1)
+        raise AuditSettingError(
+            f"--canaries {canaries}: {canaries} x {len(names)} sites make the bound's delta term "
+            f"2 m delta = {delta_term:.3g}, not below 1 - confidence = {1 - confidence:.3g}; use "
+            f"--canaries {fits} or fewer (or a smaller target-delta)"
+        )
+    overrides = {"audit-canaries": canaries, "audit-kind": kind}
+    updated = RunConfig.from_mapping({**config.to_mapping(), **overrides}, source=scenario.name)
+    return Scenario(scenario.name, scenario.description, updated, scenario.resources)
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    document: dict[str, Any]
+    sites: list[SiteScores]
+
+
+def site_scores(config: RunConfig) -> list[SiteScores]:
+    """Each site's canary scores, as the site itself would compute them; a site that never
+    trained (it dropped out of every round) contributes no canaries."""
+    names, _ = partition_plan(config)
+    model = None
+    if config.audit_kind == BLACK_BOX:
+        model = build_model(task_schema(config), config)
+        model.load_state_dict(load_weights(Path(config.run_dir) / "model.safetensors"))
+    found = []
+    for partition_id, name in enumerate(names):
+        path = audit_file(config, name)
+        if not path.is_file():
+            continue
+        document = read_audit_file(path)
+        plan = CanaryPlan(name, document["kind"], document["canaries"], document["secret"])
+        if plan.kind == WHITE_BOX:
+            if not document["rounds"]:
+                continue
+            scores = np.sum([np.asarray(s) for s in document["rounds"].values()], axis=0)
+        else:
+            train = client_split(config, partition_id).train
+            canaries = input_canaries(plan, train, len(task_schema(config).classes))
+            scores = input_canary_scores(model, canaries)
+        found.append(SiteScores(name, scores, plan.included()))
+    return found
+
+
+def claimed_epsilon(config: RunConfig) -> float | None:
+    """The largest epsilon any site's ledger records for its data set (None without DP)."""
+    if not config.dp:
+        return None
+    ledgers = sorted((Path(config.run_dir) / "privacy-ledgers").glob("*.json"))
+    spent = [run.epsilon for path in ledgers for run in summarize(path, config.target_delta)]
+    return max(spent) if spent else None
+
+
+def score_audit(config: RunConfig, confidence: float, seconds: float) -> AuditResult:
+    """The bound, written to RUN/audit.json."""
+    sites = site_scores(config)
+    if not sites:
+        raise AuditSettingError(
+            f"no site left canary scores in {Path(config.run_dir) / 'audit'}: did every client "
+            "drop out? lower dropout-fraction"
+        )
+    bound = audit_bound(sites, config.target_delta, confidence)
+    claim = claimed_epsilon(config)
+    document = {
+        "kind": config.audit_kind,
+        "claimed_epsilon": claim,
+        "delta": config.target_delta,
+        "epsilon_lower_bound": bound.epsilon_lower_bound,
+        "confidence": confidence,
+        "canaries": bound.canaries,
+        "canaries_per_site": config.audit_canaries,
+        "sites": [site.site for site in sites],
+        "guesses": bound.guesses,
+        "correct": bound.correct,
+        "guess_fraction": bound.guess_fraction,
+        "verdict": verdict(bound.epsilon_lower_bound, claim),
+        "seconds": seconds,
+    }
+    write_json_atomically(Path(config.run_dir) / "audit.json", document)
+    return AuditResult(document, sites)
+
+
+def verdict(bound: float, claim: float | None) -> str:
+    if claim is None:
+        return NO_CLAIM
+    if bound > claim:
+        return (
+            f"VIOLATION: the lower bound {bound:.3g} exceeds the claimed epsilon {claim:.3g}; "
+            "the DP implementation or its accounting is wrong"
+        )
+    return f"consistent: lower bound {bound:.3g} <= claimed epsilon {claim:.3g}"
+
+
+def run_audit(
+    scenario: Scenario, confidence: float, run: Any, started: float | None = None
+) -> AuditResult:
+    """`run(scenario)` trains the federation (the CLI's simulate path); then score, write
+    audit.json and the report's audit section."""
+    from server.run_report import save_audit_plot, write_run_report
+    from simulations.progress import read_metrics
+
+    started = time.perf_counter() if started is None else started
+    run(scenario)
+    result = score_audit(scenario.config, confidence, time.perf_counter() - started)
+    run_dir = Path(scenario.config.run_dir)
+    standardized = [(s.scores - s.scores.mean()) / (s.scores.std() or 1.0) for s in result.sites]
+    included = np.concatenate([s.included for s in result.sites])
+    pooled = np.concatenate(standardized)
+    save_audit_plot(pooled[included], pooled[~included], result.document, run_dir)
+    metrics = read_metrics(run_dir)
+    if metrics is not None:
+        write_run_report(metrics, run_dir)
+    return result

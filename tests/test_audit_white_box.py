@@ -1,0 +1,119 @@
+"""White-box gradient canaries at one site's DP-SGD training function (no Flower): the audit
+has power when there is no real noise, stays below the claim when DP-SGD is right, and catches
+DP-SGD when its noise is quietly cut while the ledger records the original sigma."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from client.canaries import SiteAudit, audit_file, read_audit_file
+from client.dp_optimizer import FlatPrivacyEngine
+from client.private_training import SitePrivacy, train_privately
+from common.model_factory import build_model
+from common.partition import client_split
+from common.privacy_audit import AuditBound, SiteScores, audit_bound
+from common.privacy_ledger import PrivacyLedger
+from common.run_config import RunConfig
+from common.site_policy import SitePolicy
+from common.tasks import task_schema
+
+CANARIES = 1000
+# Cleveland's 200 records in batches of 64: 4 steps an epoch, so each record (and canary) is
+# drawn about once per epoch, 20 times over 4 rounds x 5 epochs, at a fraction of the steps.
+FAST = {"task": "heart", "batch-size": 64, "local-epochs": 5, "num-server-rounds": 4}
+# The sigma that calibration picks for that plan (q = 1/4, 80 steps, delta 1e-5, PRV), fixed
+# here so each test skips the calibration search; the ledger still accounts every round.
+SIGMA_AT = {8.0: 1.5735, 1.0: 8.5938}
+
+
+def permissive_site(config: RunConfig, ledger: PrivacyLedger) -> SitePrivacy:
+    """A site whose policy lets the run's own settings through: no released count or
+    evaluation, so the ledger holds DP-SGD's rounds alone."""
+    policy = SitePolicy(
+        max_epsilon=1e9, min_noise_multiplier=0.0, accountant=config.accountant,
+        delta=config.target_delta, evaluation="off", example_count="exact",
+    )  # fmt: skip
+    return SitePrivacy(policy, config.privacy_budget(), ledger, "test")
+
+
+def audit_one_site(tmp_path: Path, **settings: object) -> tuple[AuditBound, float]:
+    """Every round of one hospital's DP-SGD with canaries, as client/app.py runs it; returns
+    the bound and the epsilon its ledger claims."""
+    config = RunConfig.from_mapping(
+        {**FAST, "dp": True, "audit-canaries": CANARIES, "run-dir": str(tmp_path), **settings}
+    )
+    split = client_split(config, 0)
+    audit = SiteAudit.for_node(config, {"partition-id": 0}, split)
+    ledger = PrivacyLedger.open(tmp_path / "ledger.json", "cleveland")
+    torch.manual_seed(0)
+    arrays = build_model(task_schema(config), config).state_dict()
+    for server_round in range(1, config.num_server_rounds + 1):
+        model = build_model(task_schema(config), config)
+        model.load_state_dict(arrays)
+        with audit.round(model, server_round):
+            private = train_privately(
+                model, split.train, config, permissive_site(config, ledger), "run",
+                server_round, torch.device("cpu"),
+            )  # fmt: skip
+        arrays = model.state_dict()
+    rounds = read_audit_file(audit_file(config, split.name))["rounds"].values()
+    scores = SiteScores(split.name, np.sum(list(rounds), axis=0), audit.plan.included())
+    return audit_bound([scores], config.target_delta, 0.95), private.epsilon_total
+
+
+def test_without_real_noise_the_audit_proves_epsilon_at_least_4(tmp_path):
+    bound, _ = audit_one_site(
+        tmp_path, **{"noise-multiplier": 0.05, "accountant": "rdp", "target-epsilon": 1e7}
+    )
+    assert bound.epsilon_lower_bound >= 4, bound
+
+
+@pytest.mark.parametrize("epsilon", [8.0, 1.0])
+def test_correct_dp_sgd_stays_below_its_claim(tmp_path, epsilon):
+    settings = {"target-epsilon": epsilon + 0.01, "noise-multiplier": SIGMA_AT[epsilon]}
+    bound, claimed = audit_one_site(tmp_path, **settings)
+    assert claimed == pytest.approx(epsilon, abs=0.01)
+    assert bound.epsilon_lower_bound <= claimed, bound
+
+
+def test_noise_cut_tenfold_behind_the_ledgers_back_is_caught(tmp_path, monkeypatch):
+    honest = FlatPrivacyEngine.make_private
+
+    def buggy(self, **kwargs):  # the optimizer noises at sigma / 10; the ledger keeps sigma
+        return honest(self, **{**kwargs, "noise_multiplier": kwargs["noise_multiplier"] / 10})
+
+    monkeypatch.setattr(FlatPrivacyEngine, "make_private", buggy)
+    settings = {"target-epsilon": 1.01, "noise-multiplier": SIGMA_AT[1.0]}
+    bound, claimed = audit_one_site(tmp_path, **settings)
+    assert bound.epsilon_lower_bound > claimed, bound
+
+
+def test_canaries_are_drawn_at_the_records_poisson_rate(tmp_path):
+    config = RunConfig.from_mapping(
+        {**FAST, "dp": True, "audit-canaries": 10, "run-dir": str(tmp_path),
+         "noise-multiplier": 1.0, "accountant": "rdp", "target-epsilon": 1e3}
+    )  # fmt: skip
+    split = client_split(config, 0)
+    audit = SiteAudit.for_node(config, {"partition-id": 0}, split)
+    model = build_model(task_schema(config), config)
+    ledger = PrivacyLedger.open(tmp_path / "ledger.json", "cleveland")
+    drawn = []
+    original = FlatPrivacyEngine._prepare_optimizer
+
+    def spy(self, **kwargs):
+        optimizer = original(self, **kwargs)
+        drawn.append((optimizer.canaries.sample_rate, len(optimizer.canaries.directions)))
+        return optimizer
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(FlatPrivacyEngine, "_prepare_optimizer", spy)
+        with audit.round(model, 1):
+            train_privately(
+                model, split.train, config, permissive_site(config, ledger), "run", 1,
+                torch.device("cpu"),
+            )  # fmt: skip
+    assert drawn == [(1 / 4, int(audit.plan.included().sum()))]
