@@ -276,22 +276,13 @@ def privacy(
     except (LedgerError, PrivacyConfigError) as error:
         raise fail(str(error)) from None
     table = Table(title=f"privacy ledger {ledger}")
-    for column in (
-        "data set",
-        "run",
-        "rounds",
-        "evaluations",
-        "last release at",
-        "epsilon (cumulative)",
-        "delta",
-        "budget left",
-    ):
-        table.add_column(column, justify="right")
+    for column in ("data set", "run", "rounds", "evaluations", "epsilon, cumulative", "left"):
+        table.add_column(column, justify="right", overflow="fold")
     for run in runs:
         left = "" if run.budget_left is None else f"{run.budget_left:.3f} of {run.target_epsilon:g}"
         table.add_row(
             run.fingerprint, run.run_id, str(run.rounds), str(run.evaluations),
-            run.last_recorded_at, f"{run.epsilon:.3f}", f"{run.delta:g}", left,
+            f"{run.epsilon:.3f} at delta {run.delta:g}", left,
         )  # fmt: skip
     console.print(table)
     totals: dict[str, RunSummary] = {run.fingerprint: run for run in runs}  # last run = total

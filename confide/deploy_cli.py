@@ -363,9 +363,17 @@ def coordinator_run(
         wait_timeout=wait_timeout, run_timeout=timeout, resume=resume is not None, schema=schema,
     )  # fmt: skip
 
+    shown: list[int] = []
+
     def waiting(online: int, expected: int) -> None:
-        if not quiet:
+        """On a terminal one line that updates; in a file (systemd, CI) a line per change."""
+        if quiet:
+            return
+        if console.is_terminal:
             console.print(f"waiting for clients: {online}/{expected} online", end="\r")
+        elif shown[-1:] != [online]:
+            shown.append(online)
+            console.print(f"waiting for clients: {online}/{expected} online")
 
     try:
         submitted = submit_run(request, on_wait=waiting)

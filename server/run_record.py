@@ -86,7 +86,13 @@ class RunRecorder:
         return ResumePoint(last, ArrayRecord(load_weights(checkpoint)), state)
 
     def initial(self, record: RoundRecord) -> None:
+        """Round 0's evaluation, and who declined it (a site's policy, its budget)."""
         self.document["initial"] = {"accuracy": record.accuracy, "loss": record.loss}
+        if record.failures:
+            document = record.as_json()
+            self.document["initial"] |= {
+                key: document[key] for key in ("failed", "refused", "failures")
+            }
         self._write_metrics()
 
     def round_finished(
