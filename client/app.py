@@ -159,7 +159,7 @@ def train(msg: Message, context: Context) -> Message:
         audit = SiteAudit.for_node(config, context.node_config, split)  # `confide audit` only
         split = audit.training_split(split, len(task_schema(config).classes))
         model = _received_model(msg, config, fresh=config.dp)
-        with audit.round(model, int(msg.content["config"].get("server-round", 0))):
+        with audit.round(model, _server_round(msg)):
             if config.dp:
                 metrics = _train_private(model, split, config, policy, msg, context)
             else:
@@ -193,11 +193,11 @@ def _evaluate_private(
     site = site_privacy(config, context.node_config, split, policy)
     run_id = str(msg.metadata.run_id)
     plan = plan_run(config, site, run_id, len(split.train))
-    planned = config.num_server_rounds + 1  # round 0, then one after each round
     answered = sum(e.run_id == run_id and e.purpose == "evaluate" for e in site.ledger.entries())
-    if answered >= planned:  # a coordinator may not drain the budget through evaluation
+    if answered >= plan.evaluations:  # a coordinator may not drain the budget through evaluation
         raise BudgetExhausted(
-            f"this run's {planned} planned evaluation replies are spent; the site answers no more"
+            f"this run's {plan.evaluations} planned evaluation replies are spent; the site "
+            "answers no more"
         )
     assert plan.evaluation_sigma is not None
     entry = LedgerEntry(
