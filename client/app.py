@@ -27,7 +27,7 @@ from client.canaries import SiteAudit
 from client.dp_mods import client_side_clipping
 from client.local_data import DATA_PATH_KEY, load_local_split, site_name, site_privacy
 from client.node_policy import node_policy
-from client.private_release import evaluate_privately
+from client.private_release import EVALUATION_BATCH_SIZE, evaluate_privately
 from client.private_training import plan_run, train_privately
 from client.secure_aggregation import secure_aggregation
 from client.simulated_faults import simulated_faults
@@ -39,12 +39,10 @@ from common.privacy import PrivacyConfigError
 from common.privacy_ledger import BudgetExhausted, LedgerEntry, LedgerError
 from common.received_weights import torch_state_dict
 from common.run_config import RunConfig, cached_run_config
-from common.site_policy import PolicyError, PolicyRefusal, SitePolicy, check_request
+from common.site_policy import REFUSED, PolicyError, PolicyRefusal, SitePolicy, check_request
 from common.tasks import task_schema
 
-EVALUATION_BATCH_SIZE = 256
 CLIENT_WEIGHT = "client-weight"  # uniform weight, for coordinators that average clients equally
-REFUSED = 403  # error code of a reply that declines (site policy, privacy budget, broken ledger)
 REFUSALS = (BudgetExhausted, LedgerError, PrivacyConfigError, PolicyError, PolicyRefusal)
 
 log = logging.getLogger(__name__)

@@ -46,6 +46,11 @@ NEIGHBOURS = {"private": "add-remove", "exact": "replace-one"}
 exact count makes the data set's size public, which only replace-one neighbours allow."""
 
 
+REFUSED = 403
+"""The error code of a site's reply that declines on purpose (its policy, its budget, a ledger
+it cannot trust): the ClientApp sends it, the coordinator counts it as refused."""
+
+
 class RunRequest(Protocol):
     """What a run asks of a site: the fields of `common.run_config.RunConfig` checked here."""
 
