@@ -306,6 +306,10 @@ def check_site_executor() -> None:
 # ---------------------------------------------------------------------------------------- plan
 
 
+def default_work_dir(name: str) -> Path:
+    return default_site_home(name)
+
+
 def prepare_join(settings: JoinSettings) -> JoinPlan:
     """All checks in order (data, key, CA, coordinator); raises before anything starts."""
     host, port = parse_address(settings.coordinator)
@@ -327,7 +331,7 @@ def prepare_join(settings: JoinSettings) -> JoinPlan:
         NAME_KEY: settings.name,
         ROLE_KEY: settings.role,
     }
-    work_dir = (settings.work_dir or default_site_home(settings.name)).resolve()
+    work_dir = (settings.work_dir or default_work_dir(settings.name)).resolve()
     policy_file = work_dir / POLICY_FILE
     ledger = settings.ledger or work_dir / "privacy-ledger.json"  # one per site, never shared
     node_config[LEDGER_PATH_KEY] = str(ledger.expanduser().resolve())

@@ -58,7 +58,7 @@ class RunPlan:
 
     train_sigma: float
     evaluation_sigma: float | None  # None: the site's policy releases no evaluation
-    evaluations: int  # evaluation replies planned: round 0, then one after each round
+    count_planned: bool  # the data set's noisy count is released in this run
     sample_rate: float
     steps: int
 
@@ -93,11 +93,6 @@ def site_budget(
     )
 
 
-def planned_evaluations(rounds: int) -> int:
-    """The evaluation replies a run plans for: round 0's, then one after each round."""
-    return rounds + 1
-
-
 @lru_cache(maxsize=64)
 def _calibrated_plan(
     run_budget: PrivacyBudget,
@@ -120,8 +115,8 @@ def _calibrated_plan(
             f"already spent (delta {run_budget.target_delta:g}); this run can afford nothing"
         )
     evaluation_sigma, evaluation_plan = None, []
-    if evaluation_share is not None:
-        releases = planned_evaluations(planned_rounds)
+    if evaluation_share is not None:  # round 0 plus one evaluation after each round
+        releases = planned_rounds + 1
         evaluation_sigma = calibrate_gaussian_releases(
             run_budget, releases, evaluation_share * (run_budget.target_epsilon - spent)
         )
@@ -151,7 +146,6 @@ def plan_run(config: RunConfig, site: SitePrivacy, run_id: str, train_records: i
         )
     sample_rate = 1 / math.ceil(train_records / config.batch_size)  # Opacus: 1 / len(loader)
     steps = math.ceil(train_records / config.batch_size) * config.local_epochs
-    evaluations = planned_evaluations(config.num_server_rounds)
     entries = site.ledger.entries()
     earlier = tuple(e.history_entry for e in entries if e.run_id != run_id)
     count_planned = site.policy.example_count == "private" and not any(
@@ -181,7 +175,7 @@ def plan_run(config: RunConfig, site: SitePrivacy, run_id: str, train_records: i
         planned = [
             *earlier,
             *count_release,
-            *([(evaluation_sigma, 1.0, evaluations)] if evaluation_sigma else []),
+            *([(evaluation_sigma, 1.0, config.num_server_rounds + 1)] if evaluation_sigma else []),
             *[(train_sigma, sample_rate, steps)] * config.num_server_rounds,
         ]
         budget = site.budget
@@ -195,7 +189,7 @@ def plan_run(config: RunConfig, site: SitePrivacy, run_id: str, train_records: i
                 f"{config.noise_multiplier:g} would spend epsilon {planned_epsilon:.2f} over its "
                 f"{config.num_server_rounds} rounds"
             )
-    return RunPlan(train_sigma, evaluation_sigma, evaluations, sample_rate, steps)
+    return RunPlan(train_sigma, evaluation_sigma, count_planned, sample_rate, steps)
 
 
 def release_count(site: SitePrivacy, run_id: str, server_round: int, records: int) -> int:

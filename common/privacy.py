@@ -118,11 +118,11 @@ class PrivacyBudget:
             raise PrivacyConfigError(
                 f"target_delta (run config: target-delta) must be in (0, 1/n) = "
                 f"(0, {1 / num_records:.3g}) for n={num_records} training records, got "
-                f"{self.target_delta!r}; lower it, e.g. to {suggest_delta(num_records):g}"
+                f"{self.target_delta!r}; lower it, e.g. to {_suggest_delta(num_records):g}"
             )
 
 
-def suggest_delta(num_records: int) -> float:
+def _suggest_delta(num_records: int) -> float:
     """A conventional delta: a power of ten at most 1/(10 n)."""
     return 10.0 ** math.floor(math.log10(1 / (10 * num_records)))
 

@@ -19,7 +19,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from common.site_policy import REFUSED
 from server.strategy_state import strategy_state
 from server.update_validation import UpdatePolicy, global_values, screen_update
 
@@ -27,6 +26,8 @@ if TYPE_CHECKING:  # secure_aggregation raises this module's FederationError
     from server.secure_aggregation import SecureAggregation
 
 log = logging.getLogger(__name__)
+REFUSED = 403
+"""A site's reply that declines on purpose (its policy, its budget): the ClientApp's code."""
 
 
 class FederationError(RuntimeError):
