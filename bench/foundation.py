@@ -8,6 +8,7 @@ Settings for heart are chosen on a validation split carved from each hospital's 
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import tempfile
 import time
@@ -100,6 +101,7 @@ def demo_wall_time(work: Path) -> tuple[str, list[str]]:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help, no options
     sections = []
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)

@@ -41,10 +41,10 @@ from client.join import (
     start_supernode,
     write_site_policy,
 )
-from common.certificates import init_certs
+from common.certificates.issuing import init_certs
 from common.processes import ManagedProcess, free_port
-from server.coordinator import StartSettings, start_coordinator
-from server.coordinator_run import RunRequest, submit_run, wait_for_run
+from server.coordinator.coordinator import StartSettings, start_coordinator
+from server.coordinator.coordinator_run import RunRequest, submit_run, wait_for_run
 
 MODES = ("flower", "pinned")
 GOAL_SECONDS = 2.0

@@ -9,6 +9,7 @@ Each step-time configuration runs in a fresh process so its peak RSS is its own.
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import statistics
@@ -216,10 +217,26 @@ DP_TEXT = ["--set", "batch-size=256", "--set", "dp-learning-rate=0.3"]
 
 
 def main() -> None:
-    if sys.argv[1:2] == ["--one"]:
-        print(json.dumps(time_steps(sys.argv[2], sys.argv[3])))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "part",
+        nargs="?",
+        default="all",
+        choices=("all", "steps", "utility"),
+        help="which table to measure (default: both)",
+    )
+    parser.add_argument(
+        "--one",
+        nargs=2,
+        metavar=("MODEL", "CONFIGURATION"),
+        help="time one step-cost configuration here and print JSON (how the step table runs "
+        "each configuration in a fresh process)",
+    )
+    arguments = parser.parse_args()
+    if arguments.one:
+        print(json.dumps(time_steps(*arguments.one)))
         return
-    part = sys.argv[1] if len(sys.argv) > 1 else "all"
+    part = arguments.part
     parts = [f"## Privacy\n\nSetup: {setup_line()}.\n"]
     if part in ("all", "steps"):
         parts += ["### DP-SGD step cost per Opacus mode\n", *step_table()]

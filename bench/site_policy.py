@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from bench import privacy
 from bench.harness import confide, setup_line, spread, write_section
 from common.checkpoint import load_weights
 from common.evaluation import evaluate
@@ -25,11 +26,8 @@ from common.privacy_ledger import summarize
 from common.run_config import RunConfig
 from common.tasks import task_schema
 
-# bench/privacy.py's settings for heart at epsilon 1, chosen on the validation split.
-DP_HEART = [
-    "--set", "batch-size=30", "--set", "num-server-rounds=10", "--set", "local-epochs=1",
-    "--set", "dp-learning-rate=0.05", "--set", "dp=true", "--set", "target-epsilon=1.0",
-]  # fmt: skip
+# bench/privacy.py's settings for heart (chosen on the validation split), at epsilon 1.
+DP_HEART = [*privacy.DP_HEART, "--set", "dp=true", "--set", "target-epsilon=1.0"]
 
 
 def held_out_accuracy(run_dir: Path, config: RunConfig) -> float:

@@ -11,6 +11,7 @@ machine hits both alike; the ratio is the median of the per-repeat ratios.
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import statistics
 import subprocess
@@ -89,7 +90,15 @@ def calls(task: str, old_weights: ModuleType, old_validation: ModuleType) -> dic
     }
 
 
-def main(commit: str = "566747c") -> None:
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "commit",
+        nargs="?",
+        default="566747c",
+        help="the lenient reader's commit (default: %(default)s)",
+    )
+    commit = parser.parse_args().commit
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     with tempfile.TemporaryDirectory() as scratch:
         old_weights = _module_at(commit, "common/received_weights.py", "old_received_weights",
@@ -105,4 +114,4 @@ def main(commit: str = "566747c") -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:2])
+    main()

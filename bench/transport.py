@@ -32,14 +32,14 @@ from pathlib import Path
 
 from bench.harness import setup_line, write_section
 from client.join import JoinSettings, Site, prepare_join, start_supernode
-from common.certificates import init_certs
+from common.certificates.issuing import init_certs
 from common.processes import free_port
 from common.schema import load_schema
 from common.site_policy import SitePolicy
 from common.tasks import BUNDLED_SCHEMAS, load_heart_rows
-from server.coordinator import StartSettings, start_coordinator
-from server.coordinator_run import RunRequest, network_bytes, submit_run, wait_for_run
-from simulations.progress import read_metrics
+from server.coordinator.coordinator import StartSettings, start_coordinator
+from server.coordinator.coordinator_run import RunRequest, network_bytes, submit_run, wait_for_run
+from server.run_record import read_metrics
 
 TRANSPORTS = ("plaintext", "TLS")
 RUN_OVERRIDES = {"TLS+SecAgg+": {"secagg": True}}  # bench/secure_aggregation.py: TLS, masked sums

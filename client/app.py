@@ -27,7 +27,8 @@ from client.canaries import SiteAudit
 from client.dp_mods import client_side_clipping
 from client.local_data import DATA_PATH_KEY, load_local_split, site_name, site_privacy
 from client.node_policy import node_policy
-from client.private_release import evaluate_privately
+from client.packed_wire import packed_model
+from client.private_release import EVALUATION_BATCH_SIZE, evaluate_privately
 from client.private_training import plan_run, train_privately
 from client.secure_aggregation import secure_aggregation
 from client.simulated_faults import simulated_faults
@@ -39,16 +40,16 @@ from common.privacy import PrivacyConfigError
 from common.privacy_ledger import BudgetExhausted, LedgerEntry, LedgerError
 from common.received_weights import torch_state_dict
 from common.run_config import RunConfig, cached_run_config
-from common.site_policy import PolicyError, PolicyRefusal, SitePolicy, check_request
+from common.site_policy import REFUSED, PolicyError, PolicyRefusal, SitePolicy, check_request
 from common.tasks import task_schema
 
-EVALUATION_BATCH_SIZE = 256
 CLIENT_WEIGHT = "client-weight"  # uniform weight, for coordinators that average clients equally
-REFUSED = 403  # error code of a reply that declines (site policy, privacy budget, broken ledger)
 REFUSALS = (BudgetExhausted, LedgerError, PrivacyConfigError, PolicyError, PolicyRefusal)
 
 log = logging.getLogger(__name__)
-app = ClientApp(mods=[simulated_faults])  # dropouts/stragglers: in simulation, when configured
+# simulated_faults: dropouts/stragglers in simulation, when configured; packed_model: one array
+# on the wire for the whole model, named arrays inside
+app = ClientApp(mods=[simulated_faults, packed_model])
 
 
 @lru_cache(maxsize=2)
@@ -159,7 +160,7 @@ def train(msg: Message, context: Context) -> Message:
         audit = SiteAudit.for_node(config, context.node_config, split)  # `confide audit` only
         split = audit.training_split(split, len(task_schema(config).classes))
         model = _received_model(msg, config, fresh=config.dp)
-        with audit.round(model, int(msg.content["config"].get("server-round", 0))):
+        with audit.round(model, _server_round(msg)):
             if config.dp:
                 metrics = _train_private(model, split, config, policy, msg, context)
             else:
@@ -193,11 +194,11 @@ def _evaluate_private(
     site = site_privacy(config, context.node_config, split, policy)
     run_id = str(msg.metadata.run_id)
     plan = plan_run(config, site, run_id, len(split.train))
-    planned = config.num_server_rounds + 1  # round 0, then one after each round
     answered = sum(e.run_id == run_id and e.purpose == "evaluate" for e in site.ledger.entries())
-    if answered >= planned:  # a coordinator may not drain the budget through evaluation
+    if answered >= plan.evaluations:  # a coordinator may not drain the budget through evaluation
         raise BudgetExhausted(
-            f"this run's {planned} planned evaluation replies are spent; the site answers no more"
+            f"this run's {plan.evaluations} planned evaluation replies are spent; the site answers "
+            "no more"
         )
     assert plan.evaluation_sigma is not None
     entry = LedgerEntry(

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from common.checkpoint import write_json_atomically
+from common.atomic_file import write_json_atomically
 from common.partition import ClientSplit
 from common.run_config import RunConfig
 from common.site_data import EncodedDataset

@@ -8,16 +8,17 @@ are clipped as one [batch, parameters] matrix and noised with one Gaussian draw:
 mathematics (tests/test_dp_optimizer.py checks the step against Opacus' own to 1e-6), the same
 accountant hook, at the price of one extra copy of the per-sample gradients. Ghost clipping keeps
 Opacus' optimizer: it never materialises per-sample gradients, so there is nothing to flatten.
+The Opacus internals this needs (the engine's optimizer hook, per-sample gradient reads, the
+guard against reusing a gradient) go through common/opacus_compat.py.
 """
 
 from __future__ import annotations
 
 import torch
-from opacus import PrivacyEngine
 from opacus.optimizers import DPOptimizer
-from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
 from client.canaries import GradientCanaries, gradient_canaries
+from common.opacus_compat import OptimizerHookPrivacyEngine, flat_grad_sample, use_once
 
 
 class FlatDPOptimizer(DPOptimizer):
@@ -27,7 +28,7 @@ class FlatDPOptimizer(DPOptimizer):
 
     def clip_and_accumulate(self) -> None:
         params = self.params
-        samples = [self._get_flat_grad_sample(p) for p in params]
+        samples = [flat_grad_sample(self, p) for p in params]
         batch = len(samples[0])
         flat = torch.cat(
             [s.reshape(batch, p.numel()) for s, p in zip(samples, params, strict=True)], dim=1
@@ -39,9 +40,8 @@ class FlatDPOptimizer(DPOptimizer):
             clip_factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
             summed = clip_factor @ flat
         for p, grad in zip(params, _split_like(summed, params), strict=True):
-            _check_processed_flag(p.grad_sample)
+            use_once(p.grad_sample)
             p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
-            _mark_as_processed(p.grad_sample)
 
     def add_noise(self) -> None:
         """Noise and the mean reduction together (Opacus does them in two loops)."""
@@ -61,9 +61,8 @@ class FlatDPOptimizer(DPOptimizer):
         scale = self.expected_batch_size * self.accumulated_iterations
         flat = (summed + noise) / (scale if self.loss_reduction == "mean" else 1)
         for p, grad in zip(params, _split_like(flat, params), strict=True):
-            _check_processed_flag(p.summed_grad)
+            use_once(p.summed_grad)
             p.grad = grad
-            _mark_as_processed(p.summed_grad)
 
     def scale_grad(self) -> None:
         """Done in add_noise."""
@@ -75,7 +74,7 @@ def _split_like(flat: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Te
     return [part.view_as(p) for part, p in zip(flat.split(sizes), params, strict=True)]
 
 
-class FlatPrivacyEngine(PrivacyEngine):
+class FlatPrivacyEngine(OptimizerHookPrivacyEngine):
     """Opacus' PrivacyEngine, handing out FlatDPOptimizer where it would hand out DPOptimizer."""
 
     _sample_rate = 0.0
@@ -85,8 +84,7 @@ class FlatPrivacyEngine(PrivacyEngine):
         self._sample_rate = 1 / len(kwargs["data_loader"])
         return super().make_private(**kwargs)
 
-    def _prepare_optimizer(self, **kwargs) -> DPOptimizer:  # type: ignore[no-untyped-def]
-        optimizer = super()._prepare_optimizer(**kwargs)
+    def replace_optimizer(self, optimizer: DPOptimizer) -> DPOptimizer:
         if type(optimizer) is not DPOptimizer:  # ghost clipping, distributed: Opacus' own
             return optimizer
         flat = FlatDPOptimizer(

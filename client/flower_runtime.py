@@ -4,34 +4,18 @@
 outside process claims over the SuperNode's loopback Runtime API (protobuf over HTTP), the protocol
 Flower's own `flwr-clientapp` and SuperExec speak. Flower has no public client for it, so this
 module borrows their functions (task claim, input pull, reply push) and is the only Confide module
-that names them. They are Flower 1.42 internals: on another Flower, importing this module fails
-with one line saying so, before anything starts, instead of an AttributeError in the middle of a
-round.
+that names them. They are Flower 1.42 internals, though none is a private (`_x`) name: on another
+Flower, importing this module fails with the LibraryVersionError line of common/flower_compat.py
+(an ImportError), before anything starts, instead of an AttributeError in the middle of a round.
 """
 
 # ruff: noqa: E402  (the version check must run before the internal imports below)
 
 from __future__ import annotations
 
-import importlib.metadata
+from common.flower_compat import require_flower
 
-FLWR_SERIES = "1.42."
-
-
-def flower_series_problem(installed: str) -> str | None:
-    """Why the installed Flower cannot serve the site executor, or None."""
-    if installed.startswith(FLWR_SERIES):
-        return None
-    return (
-        f"Confide's site executor speaks the Runtime API of flwr {FLWR_SERIES}x "
-        f"(client/flower_runtime.py) but flwr {installed} is installed; reinstall Confide "
-        "(`pip install -e .` pins Flower) or port client/flower_runtime.py to this Flower"
-    )
-
-
-_PROBLEM = flower_series_problem(importlib.metadata.version("flwr"))
-if _PROBLEM:
-    raise ImportError(_PROBLEM)
+require_flower("client/flower_runtime.py")
 
 import logging
 import threading

@@ -36,7 +36,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from client.local_data import DATA_PATH_KEY, LEDGER_PATH_KEY, NAME_KEY, default_site_home
 from client.node_policy import POLICY_PATH_KEY
-from common.certificates import CertificateError, verify_server_certificate
+from common.atomic_file import write_atomically
+from common.certificates.checking import is_ca_certificate, verify_server_certificate
 from common.file_reading import read_named_file
 from common.flower_args import FlowerArgumentError, key_values
 from common.partition import site_split
@@ -50,7 +51,7 @@ from common.processes import (
 )
 from common.run_config import RunConfig, RunConfigError
 from common.site_data import load_site_data
-from common.site_keys import SITE_STATUS_PREFIX, fingerprint, status_name, write_atomic
+from common.site_keys import SITE_STATUS_PREFIX, CertificateError, fingerprint, status_name
 from common.site_policy import PolicyRefusal, SitePolicy, policy_toml
 from common.tasks import task_schema
 
@@ -204,11 +205,7 @@ def check_ca(path: Path) -> None:
         raise JoinError(
             f"{path}: not a PEM certificate; pass the federation's ca.crt (not a key)"
         ) from None
-    try:
-        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    except x509.ExtensionNotFound:
-        is_ca = False
-    if not is_ca:
+    if not is_ca_certificate(cert):
         raise JoinError(f"{path}: is not a CA certificate; pass the federation's ca.crt")
     now = datetime.now(UTC)
     if now > cert.not_valid_after_utc:
@@ -306,10 +303,6 @@ def check_site_executor() -> None:
 # ---------------------------------------------------------------------------------------- plan
 
 
-def default_work_dir(name: str) -> Path:
-    return default_site_home(name)
-
-
 def prepare_join(settings: JoinSettings) -> JoinPlan:
     """All checks in order (data, key, CA, coordinator); raises before anything starts."""
     host, port = parse_address(settings.coordinator)
@@ -331,7 +324,7 @@ def prepare_join(settings: JoinSettings) -> JoinPlan:
         NAME_KEY: settings.name,
         ROLE_KEY: settings.role,
     }
-    work_dir = (settings.work_dir or default_work_dir(settings.name)).resolve()
+    work_dir = (settings.work_dir or default_site_home(settings.name)).resolve()
     policy_file = work_dir / POLICY_FILE
     ledger = settings.ledger or work_dir / "privacy-ledger.json"  # one per site, never shared
     node_config[LEDGER_PATH_KEY] = str(ledger.expanduser().resolve())
@@ -402,7 +395,7 @@ def write_site_policy(plan: JoinPlan) -> None:
     """The site's effective policy, where its ClientApp reads it (mode 0600, atomically)."""
     plan.work_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     if plan.policy_file is not None:
-        write_atomic(plan.policy_file, plan.policy_text.encode(), 0o600)
+        write_atomically(plan.policy_file, plan.policy_text.encode(), 0o600)
 
 
 def start_supernode(plan: JoinPlan, name: str) -> Site:

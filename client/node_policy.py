@@ -24,7 +24,7 @@ def node_policy(config: RunConfig, node_config: Mapping[str, object], name: str)
     if PARTITION_ID_KEY in node_config:
         if config.site_policy:
             return _load(Path(config.site_policy), name)
-        return rehearsal_policy(config, config.target_delta, config.accountant)
+        return rehearsal_policy(config)
     path = node_config.get(POLICY_PATH_KEY)  # read each time: the site may tighten it
     return load_policy(Path(str(path)) if path else None)
 

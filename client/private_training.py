@@ -58,9 +58,14 @@ class RunPlan:
 
     train_sigma: float
     evaluation_sigma: float | None  # None: the site's policy releases no evaluation
-    count_planned: bool  # the data set's noisy count is released in this run
+    evaluations: int  # evaluation replies the run may have
     sample_rate: float
     steps: int
+
+
+def planned_evaluations(rounds: int) -> int:
+    """Round 0 (the initial model), then one evaluation after each round."""
+    return rounds + 1
 
 
 @dataclass(frozen=True)
@@ -115,8 +120,8 @@ def _calibrated_plan(
             f"already spent (delta {run_budget.target_delta:g}); this run can afford nothing"
         )
     evaluation_sigma, evaluation_plan = None, []
-    if evaluation_share is not None:  # round 0 plus one evaluation after each round
-        releases = planned_rounds + 1
+    if evaluation_share is not None:
+        releases = planned_evaluations(planned_rounds)
         evaluation_sigma = calibrate_gaussian_releases(
             run_budget, releases, evaluation_share * (run_budget.target_epsilon - spent)
         )
@@ -171,11 +176,12 @@ def plan_run(config: RunConfig, site: SitePrivacy, run_id: str, train_records: i
             train_sigma = entry.noise_multiplier
         if entry.run_id == run_id and entry.purpose == "evaluate":
             evaluation_sigma = entry.noise_multiplier
+    evaluations = planned_evaluations(config.num_server_rounds)
     if config.noise_multiplier > 0:  # a fixed sigma: the whole plan must fit the site's budget
         planned = [
             *earlier,
             *count_release,
-            *([(evaluation_sigma, 1.0, config.num_server_rounds + 1)] if evaluation_sigma else []),
+            *([(evaluation_sigma, 1.0, evaluations)] if evaluation_sigma else []),
             *[(train_sigma, sample_rate, steps)] * config.num_server_rounds,
         ]
         budget = site.budget
@@ -189,7 +195,7 @@ def plan_run(config: RunConfig, site: SitePrivacy, run_id: str, train_records: i
                 f"{config.noise_multiplier:g} would spend epsilon {planned_epsilon:.2f} over its "
                 f"{config.num_server_rounds} rounds"
             )
-    return RunPlan(train_sigma, evaluation_sigma, count_planned, sample_rate, steps)
+    return RunPlan(train_sigma, evaluation_sigma, evaluations, sample_rate, steps)
 
 
 def release_count(site: SitePrivacy, run_id: str, server_round: int, records: int) -> int:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import sys
 
+from common.flower_compat import plain_console_logs
+
 
 def main() -> None:
-    from flwr.supercore.logger import update_console_handler
     from flwr.supernode.cli import flower_supernode
 
-    update_console_handler(timestamps=True, colored=sys.stderr.isatty())
+    plain_console_logs()
     sys.argv[0] = "flower-supernode"
     flower_supernode()
 

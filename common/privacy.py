@@ -118,13 +118,13 @@ class PrivacyBudget:
             raise PrivacyConfigError(
                 f"target_delta (run config: target-delta) must be in (0, 1/n) = "
                 f"(0, {1 / num_records:.3g}) for n={num_records} training records, got "
-                f"{self.target_delta!r}; lower it, e.g. to {_suggest_delta(num_records):g}"
+                f"{self.target_delta!r}; lower it, e.g. to {suggest_delta(num_records):g}"
             )
 
 
-def _suggest_delta(num_records: int) -> float:
+def suggest_delta(num_records: int) -> float:
     """A conventional delta: a power of ten at most 1/(10 n)."""
-    return 10.0 ** math.floor(math.log10(1 / (10 * num_records)))
+    return 10.0 ** math.floor(math.log10(1 / (10 * max(num_records, 1))))
 
 
 def _make_accountant(accountant: str) -> IAccountant:
@@ -185,7 +185,7 @@ def epsilon_of(
     if accountant == "prv" and len(merged) == 1 and merged[0][1] == 1.0:
         return _gaussian_epsilon(1 / merged[0][0], delta)  # exact, where PRV approximates
     acct = _make_accountant(accountant)
-    acct.history = merged
+    acct.load_state_dict({"history": merged, "mechanism": acct.mechanism()})
     return float(acct.get_epsilon(delta=delta))
 
 

@@ -46,7 +46,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -55,6 +54,7 @@ from typing import Any
 
 import numpy as np
 
+from common.atomic_file import write_atomically
 from common.privacy import HistoryEntry, PrivacyBudget, PrivacyConfigError, epsilon_of
 
 logger = logging.getLogger(__name__)
@@ -283,24 +283,7 @@ def _write_atomic(path: Path, content: dict[str, Any]) -> None:
     doc = dict(content)
     doc["sha256"] = _content_hash(content)
     data = json.dumps(doc, sort_keys=True, indent=1, allow_nan=False).encode("ascii") + b"\n"
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as tmp:
-            os.fchmod(tmp.fileno(), FILE_MODE)
-            tmp.write(data)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    write_atomically(path, data, FILE_MODE)
 
 
 @contextlib.contextmanager

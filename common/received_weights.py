@@ -60,7 +60,7 @@ def expected_layout(dtype_text: str, shape: tuple[int, ...]) -> tuple[np.dtype, 
     once per distinct declaration (a model repeats them every round)."""
     try:
         dtype = np.dtype(dtype_text)
-    except (TypeError, ValueError):
+    except Exception:  # NumPy's dtype parser raises many kinds (even SyntaxError, for ",")
         raise ReceivedArrayError(f"declares dtype {dtype_text!r}, not a numeric dtype") from None
     if dtype.kind not in NUMERIC_KINDS or dtype.fields is not None or dtype.subdtype is not None:
         raise ReceivedArrayError(f"declares dtype {dtype_text!r}, not a numeric dtype")

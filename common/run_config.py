@@ -122,10 +122,12 @@ class RunConfig:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], source: str = "run config") -> RunConfig:
-        """Check names and types of every key; missing keys take the pyproject defaults."""
+        """Check names and types of every key; missing keys take the pyproject defaults. Every
+        unknown or mistyped setting is reported at once; ranges are checked once types hold."""
+        problems = []
         unknown = sorted(set(values) - set(cls.keys()))
         if unknown:
-            raise RunConfigError(
+            problems.append(
                 f"{source}: unknown setting {', '.join(repr(k) for k in unknown)}; "
                 f"valid settings: {', '.join(cls.keys())}"
             )
@@ -133,10 +135,15 @@ class RunConfig:
         hints = get_type_hints(cls)
         kwargs = {}
         for key in cls.keys():
-            if key not in merged:
-                raise RunConfigError(f"{source}: setting '{key}' has no value and no default")
             attr = key.replace("-", "_")
-            kwargs[attr] = _coerce(merged[key], hints[attr], key, source)
+            if key not in merged:
+                problems.append(f"{source}: setting '{key}' has no value and no default")
+                continue
+            try:
+                kwargs[attr] = _coerce(merged[key], hints[attr], key, source)
+            except RunConfigError as error:
+                problems.append(str(error))
+        _raise_if_any(problems)
         config = cls(**kwargs)
         config.validate(source)
         return config
@@ -145,7 +152,8 @@ class RunConfig:
         return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
 
     def validate(self, source: str = "run config") -> None:
-        """Range checks: each names the setting and what would be accepted."""
+        """Range checks, then how settings combine: one error lists every problem, each naming
+        the setting and what would be accepted."""
         checks = [
             ("task", self.task in TASKS, f"one of {', '.join(TASKS)}"),
             ("partitioner", self.partitioner in PARTITIONERS, f"one of {', '.join(PARTITIONERS)}"),
@@ -234,47 +242,54 @@ class RunConfig:
             ("audit-canaries", self.audit_canaries >= 0, "0 (no audit) or canaries per site"),
             ("audit-kind", self.audit_kind in AUDIT_KINDS, f"one of {', '.join(AUDIT_KINDS)}"),
         ]
-        for key, ok, expected in checks:
-            if not ok:
-                value = getattr(self, key.replace("-", "_"))
-                raise RunConfigError(f"{source}: '{key}' = {value!r} is invalid; use {expected}")
+        problems = [
+            f"{source}: '{key}' = {getattr(self, key.replace('-', '_'))!r} is invalid; use {expected}"
+            for key, ok, expected in checks
+            if not ok
+        ]
         if self.dp and self.strategy == "fedprox":
-            raise RunConfigError(
+            problems.append(
                 f"{source}: strategy 'fedprox' with dp = true: Opacus clips per-sample gradients "
                 "of the data loss only, so the proximal term would be silently dropped; use "
                 "fedavg or fedadam with DP"
             )
         if self.secagg:
-            self._check_secure_aggregation(source)
+            problems += self._secure_aggregation_problems(source)
         if self.client_dp and self.strategy != "fedavg":
-            raise RunConfigError(
+            problems.append(
                 f"{source}: client-dp = true needs strategy 'fedavg' (Flower's accountant for "
                 f"fixed clipping assumes a plain uniform average), not '{self.strategy}'"
             )
         if self.dp:
-            self.privacy_budget()  # an impossible budget fails here, naming the setting
+            try:
+                self.privacy_budget()  # an impossible budget fails here, naming the setting
+            except RunConfigError as error:
+                problems.append(str(error))
         if self.audit_canaries and self.audit_kind == AUDIT_KINDS[0]:
-            self._check_gradient_canaries(source)
+            problems += self._gradient_canary_problems(source)
         if self.task == "custom" and not (self.data_file and self.schema_file):
-            raise RunConfigError(
+            problems.append(
                 f"{source}: task 'custom' needs 'data-file' and 'schema-file' "
                 "(confide simulate --data FILE --schema SCHEMA.toml)"
             )
+        _raise_if_any(problems)
 
-    def _check_gradient_canaries(self, source: str) -> None:
+    def _gradient_canary_problems(self, source: str) -> list[str]:
         """White-box canaries live in Confide's flat DP-SGD optimizer (client/dp_optimizer.py)."""
+        problems = []
         if not self.dp:
-            raise RunConfigError(
+            problems.append(
                 f"{source}: audit-kind 'white-box-gradient' needs dp = true (its canaries enter "
                 "DP-SGD's clipped sum); set dp = true or audit-kind = 'black-box-input'"
             )
         if self.dp_mode == "ghost":
-            raise RunConfigError(
+            problems.append(
                 f"{source}: audit-kind 'white-box-gradient' cannot run with dp-mode 'ghost' "
                 "(Opacus' own optimizer, no canary hook); use dp-mode 'auto'"
             )
+        return problems
 
-    def _check_secure_aggregation(self, source: str) -> None:
+    def _secure_aggregation_problems(self, source: str) -> list[str]:
         """Under SecAgg+ the coordinator sees only the sum: whatever needs one update is refused."""
         blind = "the coordinator sees only the masked sum, never one client's update"
         problems = [
@@ -285,12 +300,12 @@ class RunConfig:
             (
                 self.num_clients * self.secagg_quantization_range > SECAGG_MODULUS,
                 f"secagg-quantization-range x num-clients above 2**32: the masked sum would "
-                f"overflow; lower secagg-quantization-range to {SECAGG_MODULUS // self.num_clients}",
+                "overflow; lower secagg-quantization-range to "
+                f"{SECAGG_MODULUS // max(self.num_clients, 1)}",
             ),
         ]
         found = [message for failed, message in problems if failed]
-        if found:
-            raise RunConfigError(f"{source}: secagg = true cannot run with " + "; ".join(found))
+        return [f"{source}: secagg = true cannot run with " + "; ".join(found)] if found else []
 
     def privacy_budget(self) -> PrivacyBudget:
         """The budget the run asks for: each site plans its releases within it, and its own
@@ -304,6 +319,13 @@ class RunConfig:
             )
         except (PrivacyConfigError, TypeError, ValueError) as error:
             raise RunConfigError(str(error)) from None
+
+
+def _raise_if_any(problems: list[str]) -> None:
+    """One error for all problems, on one line as the command line prints it, joined as
+    `common/site_policy.py` joins a policy's problems."""
+    if problems:
+        raise RunConfigError("; ".join(problems))
 
 
 def _coerce(value: Any, expected: type, key: str, source: str) -> Any:

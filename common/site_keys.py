@@ -11,10 +11,7 @@ it over the phone before the operator invites the key.
 from __future__ import annotations
 
 import base64
-import contextlib
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +19,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from common.atomic_file import write_atomically
 from common.file_reading import read_named_file
 
 CURVE = ec.SECP384R1
@@ -81,9 +79,9 @@ def generate_site_key(out: Path, name: str) -> SiteKeyPair:
         raise CertificateError(f"{out}: exists and is not a directory; pass another --out")
     private_pem, public_line = key_pair_bytes(name)
     out.mkdir(mode=0o700, parents=True, exist_ok=True)
-    write_atomic(private_path, private_pem, 0o600, exclusive=True)
+    write_new_key(private_path, private_pem, 0o600)
     try:
-        write_atomic(public_path, public_line, 0o644, exclusive=True)
+        write_new_key(public_path, public_line, 0o644)
     except BaseException:
         private_path.unlink(missing_ok=True)  # all or nothing
         raise
@@ -123,7 +121,7 @@ def fingerprint(public_line: bytes) -> str:
 
 def status_name(public_line: bytes) -> str:
     """A key's SHA-256 fingerprint, URL-safe: the name under which a coordinator says whether
-    the key is invited or revoked (server/coordinator.py `write_site_status`)."""
+    the key is invited or revoked (server/coordinator/coordinator.py `write_site_status`)."""
     digest = fingerprint(public_line).removeprefix("SHA256:")
     return base64.urlsafe_b64encode(base64.b64decode(digest + "=")).decode().rstrip("=")
 
@@ -135,40 +133,11 @@ def flower_public_key_bytes(key: ec.EllipticCurvePublicKey) -> bytes:
     )
 
 
-def write_atomic(path: Path, data: bytes, mode: int, *, exclusive: bool = False) -> None:
-    """Write via a 0600 temp file + rename: readers see the old file or the whole new one.
-
-    With `exclusive`, an existing file is never replaced (hard link fails on an existing name),
-    so a key can't be clobbered by a racing writer.
-    """
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
+def write_new_key(path: Path, data: bytes, mode: int) -> None:
+    """Write a key file atomically; an existing one (a racing writer's too) is never replaced."""
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        tmp.chmod(mode)
-        if exclusive:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise CertificateError(
-                    f"{path}: already exists, refusing to overwrite a key; move it away first"
-                ) from None
-        else:
-            os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; not supported everywhere, and best-effort is enough.
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_atomically(path, data, mode)
+    except FileExistsError:
+        raise CertificateError(
+            f"{path}: already exists, refusing to overwrite a key; move it away first"
+        ) from None

@@ -35,10 +35,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from common.privacy import suggest_delta
+
 EVALUATION_MODES = ("private", "off")
 TRAINING_METRICS_MODES = ("off", "exact")
 EXAMPLE_COUNT_MODES = ("private", "exact")
 ACCOUNTANTS = ("prv", "rdp")
+REFUSED = 403
+"""Error code of a reply that declines (site policy, privacy budget, broken ledger); the
+coordinator counts these apart from failures."""
 NEIGHBOURS = {"private": "add-remove", "exact": "replace-one"}
 """The neighbour relation the accounting assumes, by how the record count leaves the site: an
 exact count makes the data set's size public, which only replace-one neighbours allow."""
@@ -50,6 +55,8 @@ class RunRequest(Protocol):
     task: str
     dp: bool
     target_epsilon: float
+    target_delta: float
+    accountant: str
     noise_multiplier: float
     example_count: str
     training_metrics: str
@@ -89,9 +96,7 @@ class SitePolicy:
 
     def delta_for(self, num_records: int) -> float:
         """The delta this site accounts at: its own, or a power of ten at most 1/(10 n)."""
-        if self.delta is not None:
-            return self.delta
-        return 10.0 ** math.floor(math.log10(1 / (10 * max(num_records, 1))))
+        return self.delta if self.delta is not None else suggest_delta(num_records)
 
     def check_delta(self, num_records: int) -> None:
         """delta < 1/n always; delta <= 1/(10 n) unless the site explicitly allows more."""
@@ -100,18 +105,14 @@ class SitePolicy:
             raise PolicyRefusal(
                 f"site policy ({self.source}): delta = {delta:g} is at least 1/n = "
                 f"{1 / num_records:.3g} for n = {num_records} training records, which would allow "
-                f"publishing a record outright; set delta to at most {self._suggested(num_records):g}"
+                f"publishing a record outright; set delta to at most {suggest_delta(num_records):g}"
             )
         if delta > 1 / (10 * num_records) and not self.allow_large_delta:
             raise PolicyRefusal(
                 f"site policy ({self.source}): delta = {delta:g} is above 1/(10 n) = "
                 f"{1 / (10 * num_records):.3g} for n = {num_records} training records; set delta "
-                f"to at most {self._suggested(num_records):g}, or allow-large-delta = true"
+                f"to at most {suggest_delta(num_records):g}, or allow-large-delta = true"
             )
-
-    @staticmethod
-    def _suggested(num_records: int) -> float:
-        return 10.0 ** math.floor(math.log10(1 / (10 * num_records)))
 
     def lines(self) -> list[str]:
         """What the site prints at start, so its operator sees what it enforces."""
@@ -237,14 +238,14 @@ def load_policy(
     return policy_from_mapping(values, source)
 
 
-def rehearsal_policy(request: RunRequest, target_delta: float, accountant: str) -> SitePolicy:
+def rehearsal_policy(request: RunRequest) -> SitePolicy:
     """A simulation without a policy file: each virtual site accepts what the run asks for (DP or
     not, its budget, the disclosures it requests), and otherwise keeps a joined site's defaults."""
     return SitePolicy(
         require_dp=request.dp,
         max_epsilon=request.target_epsilon,
-        delta=target_delta,
-        accountant=accountant,
+        delta=request.target_delta,
+        accountant=request.accountant,
         training_metrics=request.training_metrics,
         example_count=request.example_count,
         source="the run config (a rehearsal: no site policy given)",

@@ -7,9 +7,13 @@ hospital's own file, so the bundled demos exercise exactly the path a real site 
 from __future__ import annotations
 
 import csv
+import importlib.metadata
+import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import numpy as np
 
@@ -17,7 +21,35 @@ from common.run_config import PROJECT_ROOT, RunConfig
 from common.schema import Schema, load_schema
 from common.site_data import EncodedDataset, encode_rows, read_table
 
-DATA_DIR = PROJECT_ROOT / "data"
+
+def _installed_checkout() -> Path | None:
+    """The source tree of the Confide installed in this environment, if installed editable (as
+    `make setup` does): pip records it in the distribution's direct_url.json (PEP 610)."""
+    try:
+        record = importlib.metadata.distribution("confide").read_text("direct_url.json")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    url = json.loads(record or "{}").get("url", "")
+    return Path(url2pathname(urlparse(url).path)) if url.startswith("file:") else None
+
+
+def _has_bundled_records(root: Path) -> bool:
+    return any(root.glob("data/*/*.csv*"))  # CSV files never travel in an app package
+
+
+def _bundled_data_dir() -> Path:
+    """data/ of the checkout this code lies in, unless Flower runs it from an app package (`flwr
+    run` installs one under $FLWR_HOME/apps). Flower 1.42 packs only code and text (`*.py`,
+    `*.toml`, `*.md`, `*.json`...; `fab-include` cannot add other kinds), so the bundled records
+    stay behind and the installed checkout provides them."""
+    if _has_bundled_records(PROJECT_ROOT):
+        return PROJECT_ROOT / "data"
+    installed = _installed_checkout()
+    root = installed if installed and _has_bundled_records(installed) else PROJECT_ROOT
+    return root / "data"
+
+
+DATA_DIR = _bundled_data_dir()
 
 HEART_SITES = {
     "cleveland": "processed.cleveland.data",

@@ -13,7 +13,8 @@ from common.partition import PartitionError, partition_plan
 from common.privacy import PrivacyConfigError
 from common.privacy_ledger import LedgerError, RunSummary, summarize
 from common.run_config import RunConfigError, parse_override
-from common.schema import SchemaError, infer_schema, save_schema
+from common.schema import SchemaError, save_schema
+from common.schema_inference import infer_schema
 from common.site_data import DataFileError
 from common.tasks import load_task
 from confide.deploy_cli import certs_app, coordinator_app, join
@@ -139,8 +140,9 @@ def simulate_run(
     plan: Scenario, fresh: bool, quiet: bool, verbose: bool, tensorboard: bool
 ) -> None:
     """One run in its run directory, with live progress unless quiet; exits 2 if it failed."""
+    from server.run_record import read_metrics
     from simulations.engine import run_in_simulation
-    from simulations.progress import RoundProgress, read_metrics, summary_table
+    from simulations.progress import RoundProgress, summary_table
 
     run_dir = Path(plan.config.run_dir)
     names, _ = partition_plan(plan.config)

@@ -14,20 +14,16 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from common.certificates import (
-    CertificateError,
-    CertsLayout,
-    add_client,
-    describe,
-    init_certs,
-    invite_client,
-    revoke_client,
-)
+from common.certificates.checking import describe
+from common.certificates.issuing import init_certs
+from common.certificates.layout import CertsLayout
+from common.certificates.manifest import add_client, invite_client, revoke_client
 from common.partition import PartitionError
 from common.processes import ProcessError, is_loopback, stop_on_signals
 from common.run_config import RunConfigError, parse_override
 from common.schema import SchemaError
 from common.site_data import DataFileError
+from common.site_keys import CertificateError
 from common.site_policy import PolicyError, load_policy
 from confide.terminal import console, fail, warn
 
@@ -242,7 +238,7 @@ def coordinator_start(
     ] = 8,
 ) -> None:
     """Start the coordinator in the foreground; Ctrl-C or SIGTERM stops everything it started."""
-    from server.coordinator import (
+    from server.coordinator.coordinator import (
         CoordinatorError,
         StartSettings,
         abort_on_sigterm,
@@ -287,7 +283,7 @@ def coordinator_stop(
     state: Annotated[Path, typer.Option(help="The state directory given to `start`")],
 ) -> None:
     """Stop the coordinator running for STATE (same as Ctrl-C in its terminal)."""
-    from server.coordinator import CoordinatorError, stop_coordinator
+    from server.coordinator.coordinator import CoordinatorError, stop_coordinator
 
     try:
         pid = stop_coordinator(state)
@@ -301,7 +297,7 @@ def coordinator_status(
     state: Annotated[Path, typer.Option(help="The state directory given to `start`")],
 ) -> None:
     """Is the coordinator up, where, and which sites are online."""
-    from server.coordinator import CoordinatorError, online_sites
+    from server.coordinator.coordinator import CoordinatorError, online_sites
 
     try:
         status, nodes = online_sites(state)
@@ -346,8 +342,8 @@ def coordinator_run(
     ] = None,
 ) -> None:
     """Train on the joined clients and write the run directory, like `confide simulate`."""
-    from server.coordinator import CoordinatorError
-    from server.coordinator_run import RunRequest, submit_run, wait_for_run
+    from server.coordinator.coordinator import CoordinatorError
+    from server.coordinator.coordinator_run import RunRequest, submit_run, wait_for_run
     from simulations.progress import RoundProgress, summary_table
 
     if (out is None) == (resume is None):

@@ -12,26 +12,23 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+from flwr.superlink.grid import InMemoryGrid
 
+from common.packed_arrays import pack
+from common.site_policy import REFUSED
+from server.federation_error import FederationError
+from server.secure_aggregation import SecureAggregation
 from server.strategy_state import strategy_state
 from server.update_validation import UpdatePolicy, global_values, screen_update
 
-if TYPE_CHECKING:  # secure_aggregation raises this module's FederationError
-    from server.secure_aggregation import SecureAggregation
-
 log = logging.getLogger(__name__)
-REFUSED = 403
 """A site's reply that declines on purpose (its policy, its budget): the ClientApp's code."""
-
-
-class FederationError(RuntimeError):
-    """A round that cannot go on: too few clients replied with a usable result."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +117,20 @@ def split_replies(replies: Iterable[Message]) -> tuple[list[Message], list[dict[
     return usable, failures
 
 
+def packed(messages: Iterable[Message], arrays: ArrayRecord, grid: Grid) -> list[Message]:
+    """The strategy's messages with the model packed into one array (common/packed_arrays.py):
+    over a network Flower would send each of its tensors as separate requests. Flower's
+    in-memory grid (simulation) hands messages over as objects, where packing would only cost."""
+    messages = list(messages)
+    if isinstance(grid, InMemoryGrid):
+        return messages
+    wire = pack(arrays)
+    for message in messages:
+        for key in message.content.array_records:
+            message.content[key] = wire
+    return messages
+
+
 def _metrics(reply: Message) -> MetricRecord:
     return next(iter(reply.content.metric_records.values()))
 
@@ -134,7 +145,9 @@ def evaluate_round(
 ) -> RoundRecord:
     """Federated evaluation of `arrays` on every sampled client's held-out records."""
     started = time.perf_counter()
-    messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid)
+    messages = packed(
+        strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid), arrays, grid
+    )
     evaluated, failures = split_replies(grid.send_and_receive(messages, timeout=timeout))
     aggregated = strategy.aggregate_evaluate(server_round, evaluated) if evaluated else None
     clients = []
@@ -247,7 +260,9 @@ def collect_updates(
     failures: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
     for attempt in range(quorum.retries + 1):
-        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+        messages = packed(
+            strategy.configure_train(server_round, arrays, ConfigRecord(), grid), arrays, grid
+        )
         replied, failed = split_replies(grid.send_and_receive(messages, timeout=timeout))
         trained, refused = screen_updates(replied, arrays, policy)
         failures += [{**f, "stage": "train", "attempt": attempt + 1} for f in failed]

@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display on a coordinator or in CI
 import matplotlib.pyplot as plt
 
-from common.checkpoint import atomic_output
+from common.atomic_file import atomic_output
 
 
 def plot_rounds(metrics: dict[str, Any], path: Path) -> None:

@@ -18,13 +18,8 @@ from flwr.app import ArrayRecord
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 
-from common.checkpoint import (
-    atomic_output,
-    load_weights,
-    save_weights,
-    write_atomically,
-    write_json_atomically,
-)
+from common.atomic_file import atomic_output, write_atomically, write_json_atomically
+from common.checkpoint import load_weights, save_weights
 from common.run_config import RunConfig
 from server.federation import RoundRecord
 from server.run_report import write_run_report
@@ -129,6 +124,15 @@ class RunRecorder:
         write_atomically(
             self.run_dir / "clients.csv", _clients_csv(self.document["rounds"]).encode()
         )
+
+
+def read_metrics(run_dir: Path) -> dict[str, Any] | None:
+    """A run directory's metrics.json as it stands, or None before the first write: progress
+    displays and the coordinator poll it while the ServerApp runs."""
+    try:
+        return json.loads((run_dir / "metrics.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
 
 
 def resumable_metrics(run_dir: Path) -> dict[str, Any]:

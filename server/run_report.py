@@ -20,7 +20,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from common.checkpoint import atomic_output, write_atomically
+from common.atomic_file import atomic_output, write_atomically
 from server.report import plot_rounds
 
 

@@ -28,7 +28,7 @@ from flwr.server.workflow.secure_aggregation.secaggplus_workflow import Workflow
 from flwr.serverapp import Grid
 
 from common.run_config import RunConfig
-from server.federation import FederationError
+from server.federation_error import FederationError
 
 log = logging.getLogger(__name__)
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 
+from common.packed_arrays import is_packed, layout_of, unpack
 from common.received_weights import ReceivedArrayError, ndarray
 
 
@@ -68,6 +69,12 @@ def screen_update(
         return f"num-examples {count!r} is not a whole number in 1..{policy.max_num_examples}"
 
     update = _arrays(reply)
+    if is_packed(update):  # unpacked against the global model's layout, never the sender's
+        try:
+            update = unpack(update, layout_of(global_arrays))
+        except ReceivedArrayError as error:
+            return str(error)
+        reply.content[next(iter(reply.content.array_records))] = update
     if set(update) != set(global_arrays):
         missing = sorted(set(global_arrays) - set(update))[:3]
         extra = sorted(set(update) - set(global_arrays))[:3]

@@ -29,7 +29,8 @@ from client.canaries import (
     input_canary_scores,
     read_audit_file,
 )
-from common.checkpoint import load_weights, write_json_atomically
+from common.atomic_file import write_json_atomically
+from common.checkpoint import load_weights
 from common.model_factory import build_model
 from common.partition import client_split, partition_plan
 from common.privacy_audit import AuditSettingError, SiteScores, audit_bound, check_confidence
@@ -166,8 +167,8 @@ def run_audit(
 ) -> AuditResult:
     """`run(scenario)` trains the federation (the CLI's simulate path); then score, write
     audit.json and the report's audit section."""
+    from server.run_record import read_metrics
     from server.run_report import save_audit_plot, write_run_report
-    from simulations.progress import read_metrics
 
     started = time.perf_counter() if started is None else started
     run(scenario)

@@ -1,10 +1,12 @@
 """Run the real ServerApp and ClientApp under Flower's simulation engine, in this process.
 
-`flwr run` would start a detached SuperLink that outlives the command and rewrite the user's
-pyproject.toml; `flwr.simulation.run_simulation` hands the ServerApp an empty run config. Instead we
-call the engine entry point that Flower's own `flwr-simulation` process uses, with the app
-directory, the fused run config and the backend settings: same apps, no side effects, nothing left
-running when it returns.
+`flwr run .` works too (README), but starts a detached local SuperLink that outlives the command
+and installs the app package first; `flwr.simulation.run_simulation` hands the ServerApp an empty
+run config. Instead we
+call the engine entry point that Flower's own `flwr-simulation` process uses (a Flower internal,
+reached through common/flower_compat.py), with the app directory, the fused run config and the
+backend settings: same apps, no side effects, nothing left running when it returns. Flower loads
+only when a run starts, so the command line stays quick for everything else.
 """
 
 from __future__ import annotations
@@ -12,12 +14,10 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from common.flower_compat import new_simulation_run, run_simulation_engine
 from common.run_config import PROJECT_ROOT, RunConfig
-
-if TYPE_CHECKING:  # Flower (and with it Ray and SQLAlchemy) loads only when a run starts, so
-    from flwr.supercore.run import Run  # the command line stays quick for everything else
+from simulations.dispatch import install_one_pass_dispatch
 
 SERVER_APP = "server.app:app"
 CLIENT_APP = "client.app:app"
@@ -53,13 +53,9 @@ def run_in_simulation(config: RunConfig, resources: Resources, verbose: bool = F
     # everything else (measured 1.9x fewer client-rounds/s at 1,000 clients, bench/results/scale.md).
     os.environ.setdefault("RAY_worker_niceness", "0")
     from flwr.app import Context, RecordDict
-    from flwr.simulation.run_simulation import _run_simulation  # imports Ray: only when running
-    from flwr.supercore.telemetry import EventType
-
-    from simulations.dispatch import install_one_pass_dispatch
 
     install_one_pass_dispatch()  # Flower's per-node message scan, see simulations/dispatch.py
-    run = _new_run(config)
+    run = new_simulation_run(config.to_mapping())
     context = Context(
         run_id=run.run_id,
         node_id=0,
@@ -81,34 +77,13 @@ def run_in_simulation(config: RunConfig, resources: Resources, verbose: bool = F
     }
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
-    _run_simulation(
-        num_supernodes=config.num_clients,
-        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-        server_app_attr=SERVER_APP,
-        client_app_attr=CLIENT_APP,
-        backend_name="ray",
-        backend_config=backend_config,
-        server_app_context=context,
-        app_dir=str(PROJECT_ROOT),
+    run_simulation_engine(
         run=run,
-        verbose_logging=verbose,
-        is_app=True,
+        context=context,
+        num_supernodes=config.num_clients,
+        server_app=SERVER_APP,
+        client_app=CLIENT_APP,
+        app_dir=str(PROJECT_ROOT),
+        backend_config=backend_config,
+        verbose=verbose,
     )
-
-
-def _new_run(config: RunConfig) -> Run:
-    """A run record carrying our overrides, so every virtual client sees the same config."""
-    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
-    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
-    from flwr.supercore.constant import NOOP_FEDERATION_ID
-    from flwr.supercore.run import Run
-    from flwr.supercore.task_identity import TaskIdentity
-
-    run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
-    run.override_config = config.to_mapping()
-    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
-    run.federation_id = NOOP_FEDERATION_ID
-    TaskIdentity.task_id = run.primary_task_id
-    TaskIdentity.run_id = run.run_id
-    TaskIdentity.node_id = SUPERLINK_NODE_ID
-    return run

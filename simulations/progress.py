@@ -6,7 +6,6 @@ and works the same for a simulation in this process and a coordinator run elsewh
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 from typing import Any
@@ -15,12 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-
-def read_metrics(run_dir: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((run_dir / "metrics.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
+from server.run_record import read_metrics
 
 
 class RoundProgress:

@@ -18,8 +18,8 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 from rich.table import Table
 
-from common.checkpoint import atomic_output, write_atomically
-from simulations.progress import read_metrics
+from common.atomic_file import atomic_output, write_atomically
+from server.run_record import read_metrics
 from simulations.sweep import SweepRun
 
 COLUMNS = (

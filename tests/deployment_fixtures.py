@@ -28,7 +28,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from common.certificates import CertsLayout, init_certs
+from common.certificates.issuing import init_certs
+from common.certificates.layout import CertsLayout
 from common.processes import free_port, pid_alive
 from common.schema import load_schema
 from common.tasks import BUNDLED_SCHEMAS, load_heart_rows

@@ -9,13 +9,22 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
+from client.packed_wire import model_layout
+from common.packed_arrays import is_packed, unpack
+from common.run_config import RunConfig
+
 RUN_ID = 1
+
+
+def named_arrays(record: ArrayRecord, config: RunConfig) -> ArrayRecord:
+    """A model as the tests read it: by tensor name, unpacked if it travelled packed."""
+    return unpack(record, model_layout(config)) if is_packed(record) else record
 
 
 class LocalGrid(Grid):

@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from server.control_proxy import FLEET_ENDPOINTS
+from server.coordinator.control_proxy import FLEET_ENDPOINTS
 
 TLS_RECORDS = 200
 HTTP_REQUESTS = 300

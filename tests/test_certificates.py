@@ -28,16 +28,15 @@ from flwr.supercore.primitives.asymmetric import (
 from flwr.supernode.cli.flower_supernode import _try_setup_client_authentication
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from common.certificates import (
-    CertificateError,
-    CertsLayout,
-    add_client,
-    client_public_keys,
+from common.certificates.checking import (
     describe,
-    init_certs,
     verify_key_matches_certificate,
     verify_server_certificate,
 )
+from common.certificates.issuing import init_certs
+from common.certificates.layout import CertsLayout
+from common.certificates.manifest import add_client, client_public_keys
+from common.site_keys import CertificateError
 
 HOSTS = ["coordinator.example.org", "localhost", "127.0.0.1", "::1"]
 CLIENTS = ["hospital-a", "bank-b"]

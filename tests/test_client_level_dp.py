@@ -11,7 +11,7 @@ from common.run_config import RunConfig, RunConfigError
 from server.app import update_policy
 from server.federation import run_round
 from server.strategy_choice import build_strategy
-from tests.local_grid import LocalGrid
+from tests.local_grid import LocalGrid, named_arrays
 from tests.test_update_validation import HOSPITALS, global_arrays
 
 
@@ -53,8 +53,8 @@ def observe(config: RunConfig, rounds: int) -> tuple[list[list[float]], list[dic
 
     def measure(node, message, reply):
         if message.metadata.message_type == "train" and not reply.has_error():
-            sent = message.content["arrays"].to_numpy_ndarrays()
-            received = reply.content["arrays"].to_numpy_ndarrays()
+            sent = named_arrays(message.content["arrays"], config).to_numpy_ndarrays()
+            received = named_arrays(reply.content["arrays"], config).to_numpy_ndarrays()
             squares = sum(np.sum((r - s) ** 2) for r, s in zip(received, sent, strict=True))
             norms[-1].append(float(np.sqrt(squares)))
         return reply

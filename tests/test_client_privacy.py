@@ -25,7 +25,8 @@ from common.run_config import RunConfig
 from common.site_policy import SitePolicy
 from common.tasks import task_schema
 from server.app import update_policy
-from server.federation import FederationError, evaluate_round, run_round
+from server.federation import evaluate_round, run_round
+from server.federation_error import FederationError
 from server.strategy_choice import build_strategy
 from tests.local_grid import LocalGrid
 

@@ -22,14 +22,19 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from common.certificates import init_certs
+from common.certificates.issuing import init_certs
 from common.flower_args import key_values
 from common.processes import child_environment, find_executable, free_port, venv_bin
 from confide.cli import app
-from server import flwr_control
-from server.control_proxy import FLEET_ENDPOINTS, ProxySettings, check_config, nginx_config
-from server.coordinator import StateLayout, online_sites
-from server.coordinator_run import connect
+from server.coordinator import flwr_control
+from server.coordinator.control_proxy import (
+    FLEET_ENDPOINTS,
+    ProxySettings,
+    check_config,
+    nginx_config,
+)
+from server.coordinator.coordinator import StateLayout, online_sites
+from server.coordinator.coordinator_run import connect
 from tests.deployment_fixtures import (
     Background,
     Federation,
@@ -72,23 +77,12 @@ def test_nginx_configuration_is_valid_and_closes_everything_but_fleet(tmp_path):
     assert "listen 127.0.0.1:9 ssl;" in text and "proxy_ssl_verify on;" in text
 
 
-def test_superlink_waits_longer_for_sqlite_locks(monkeypatch):
-    from flwr.supercore import sql_mixin
-
-    from server.superlink_launcher import BUSY_TIMEOUT_MS, longer_lock_wait
-
-    monkeypatch.setattr(sql_mixin, "SQLITE_PRAGMAS", sql_mixin.SQLITE_PRAGMAS)
-    longer_lock_wait()
-    assert ("busy_timeout", str(BUSY_TIMEOUT_MS)) in sql_mixin.SQLITE_PRAGMAS
-    assert ("journal_mode", "WAL") in sql_mixin.SQLITE_PRAGMAS  # the rest untouched
-
-
 @pytest.mark.parametrize(
     ("status", "message"),
     [("starting", "is still starting"), ("stopped", "no coordinator is running")],
 )
 def test_a_run_submitted_too_early_or_too_late_says_which(tmp_path, status, message):
-    from server.coordinator import CoordinatorError
+    from server.coordinator.coordinator import CoordinatorError
 
     layout = StateLayout(tmp_path)
     layout.status_file.write_text(json.dumps({"status": status, "pid": os.getpid()}))

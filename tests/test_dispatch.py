@@ -25,7 +25,7 @@ from flwr.supercore.date import now
 from flwr.supercore.object_store import ObjectStoreFactory
 from flwr.superlink.federation import NoOpFederationManager
 
-from simulations import dispatch
+from common import library_versions
 from simulations.dispatch import install_one_pass_dispatch
 
 
@@ -33,7 +33,7 @@ from simulations.dispatch import install_one_pass_dispatch
 def flower_original() -> Iterator[Any]:
     """Flower's own add_messages_to_queue in place for the test; whatever was there put back."""
     before = vce_api.add_messages_to_queue
-    original = getattr(before, "one_pass_original", before)
+    original = getattr(before, "flower_original", before)
     vce_api.add_messages_to_queue = original
     yield original
     vce_api.add_messages_to_queue = before
@@ -86,13 +86,13 @@ def test_installs_on_this_flower_once(flower_original):
     assert install_one_pass_dispatch() is True
     installed = vce_api.add_messages_to_queue
     assert installed is not flower_original
-    assert installed.one_pass_original is flower_original
+    assert installed.flower_original is flower_original
     assert install_one_pass_dispatch() is True
     assert vce_api.add_messages_to_queue is installed
 
 
 def test_leaves_flower_alone_on_another_version(flower_original, monkeypatch):
-    monkeypatch.setattr(dispatch.importlib.metadata, "version", lambda _name: "1.43.0")
+    monkeypatch.setattr(library_versions, "installed_version", lambda _name: "1.43.0")
     assert install_one_pass_dispatch() is False
     assert vce_api.add_messages_to_queue is flower_original
 

@@ -13,7 +13,8 @@ from client.app import app as client_app
 from common.run_config import RunConfig, RunConfigError
 from server.app import main as server_main
 from server.app import update_policy
-from server.federation import FederationError, Quorum, await_clients, run_round
+from server.federation import Quorum, await_clients, run_round
+from server.federation_error import FederationError
 from server.strategy_choice import build_strategy
 from tests.local_grid import LocalGrid
 from tests.test_update_validation import HOSPITALS, config_for, global_arrays

@@ -14,7 +14,8 @@ from common.model_factory import build_model
 from common.run_config import RunConfig
 from common.tasks import task_schema
 from server.app import update_policy
-from server.federation import FederationError, evaluate_round, run_federation, run_round
+from server.federation import evaluate_round, run_federation, run_round
+from server.federation_error import FederationError
 from server.run_record import RunRecorder
 from server.strategy_choice import build_strategy
 from tests.local_grid import LocalGrid

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from common.received_weights import ReceivedArrayError, ndarray, npy_header
@@ -140,6 +140,9 @@ def test_a_tampered_header_or_a_resized_payload_is_rejected(name, position, byte
     shape=st.lists(st.one_of(st.integers(-3, 2**40), st.booleans()), max_size=5),
     stype=st.sampled_from(["numpy.ndarray", "torch.tensor", ""]),
     data=st.one_of(st.binary(max_size=300), st.builds(npy, st.just(np.zeros(3, np.float32)))),
+)
+@example(  # found by hypothesis: NumPy's dtype parser raised SyntaxError on ","
+    name="weight", dtype=",", shape=[], stype="numpy.ndarray", data=npy(np.zeros(3, np.float32))
 )
 def test_any_declaration_and_any_bytes_never_raise_and_never_pass_as_another(
     name, dtype, shape, stype, data

@@ -21,8 +21,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common import checkpoint
-from common.checkpoint import atomic_output, write_json_atomically
+from common import atomic_file
+from common.atomic_file import atomic_output, write_json_atomically
 from common.privacy_ledger import LedgerError, PrivacyLedger
 from common.run_config import RunConfig, RunConfigError, default_run_config
 from common.schema import SchemaError, load_schema, schema_from_dict
@@ -289,8 +289,8 @@ def test_a_write_that_fails_midway_leaves_the_old_file_and_nothing_else(
         return call
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(checkpoint.os, "fsync", fail_at("fsync", real_fsync))
-        patch.setattr(checkpoint.os, "replace", fail_at("replace", real_replace))
+        patch.setattr(atomic_file.os, "fsync", fail_at("fsync", real_fsync))
+        patch.setattr(atomic_file.os, "replace", fail_at("replace", real_replace))
         with pytest.raises(Crash), atomic_output(target) as temporary:
             temporary.write_bytes(new[:cut])
             if stage == "write":

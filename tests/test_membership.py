@@ -23,26 +23,30 @@ from flwr.cli.supernode.register import try_load_public_key
 from typer.testing import CliRunner
 
 from client.join import describe_refusal
-from common.certificates import (
-    CertificateError,
-    CertsLayout,
+from common.certificates.issuing import init_certs
+from common.certificates.layout import CertsLayout
+from common.certificates.manifest import (
     client_public_keys,
-    init_certs,
     invite_client,
     revoke_client,
     revoked_clients,
 )
-from common.site_keys import flower_public_key_bytes, generate_site_key, load_public_key
+from common.site_keys import (
+    CertificateError,
+    flower_public_key_bytes,
+    generate_site_key,
+    load_public_key,
+)
 from confide.cli import app
-from server import coordinator as coordinator_module
-from server.coordinator import (
+from server.coordinator import coordinator as coordinator_module
+from server.coordinator.coordinator import (
     CoordinatorError,
     StateLayout,
     process_start_ticks,
     stop_coordinator,
     sync_invitations,
 )
-from server.operator_credential import HEADER, OperatorOnly
+from server.coordinator.operator_credential import HEADER, OperatorOnly
 
 # ------------------------------------------------------------------------------ keys at the site
 
@@ -363,8 +367,8 @@ def test_environment_has_no_stray_credential() -> None:
 
 def test_the_front_door_limits_bodies_and_serves_only_key_statuses(tmp_path: Path) -> None:
     from common.processes import find_executable
-    from server.control_proxy import ProxySettings, check_config, nginx_config
-    from server.coordinator import write_site_status
+    from server.coordinator.control_proxy import ProxySettings, check_config, nginx_config
+    from server.coordinator.coordinator import write_site_status
     from tests.deployment_fixtures import require_nginx
 
     require_nginx()
@@ -384,7 +388,7 @@ def test_the_front_door_limits_bodies_and_serves_only_key_statuses(tmp_path: Pat
 
 
 def test_a_custom_schema_federation_is_one_option_of_coordinator_run(tmp_path: Path) -> None:
-    from server.coordinator_run import RunRequest, run_config_for
+    from server.coordinator.coordinator_run import RunRequest, run_config_for
 
     schema = Path(__file__).resolve().parents[1] / "data" / "uci_bank_marketing" / "schema.toml"
     request = RunRequest(state=tmp_path, out=tmp_path / "run", schema=schema)

@@ -21,11 +21,9 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client.flower_runtime import (
     CLIENT_APP_TASK,
-    FLWR_SERIES,
     REFUSED_APP,
     TaskInput,
     build_app_package,
-    flower_series_problem,
 )
 from client.join import EXECUTOR_LOG
 from client.pinned_app import installed_app, read_app_package, refusal
@@ -103,12 +101,6 @@ def test_an_unreadable_package_is_refused_not_opened(installed):
     assert "the run's app package is unreadable (not a zip archive)" in refusal(
         b"PK junk", installed
     )
-
-
-def test_another_flower_is_refused_by_name():
-    assert flower_series_problem(f"{FLWR_SERIES}3") is None
-    problem = flower_series_problem("1.43.0")
-    assert problem and f"flwr {FLWR_SERIES}x" in problem and "flwr 1.43.0 is installed" in problem
 
 
 def zipped(files: dict[str, str]) -> bytes:

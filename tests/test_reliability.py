@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 from common.run_config import RunConfig
-from server import flwr_control
-from server.coordinator import CoordinatorError, StateLayout
-from server.coordinator_run import RunRequest, connect, run_config_for
-from simulations.progress import read_metrics
+from server.coordinator import flwr_control
+from server.coordinator.coordinator import CoordinatorError, StateLayout
+from server.coordinator.coordinator_run import RunRequest, connect, run_config_for
+from server.run_record import read_metrics
 from tests.deployment_fixtures import (
     Background,
     Federation,

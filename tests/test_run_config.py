@@ -210,6 +210,34 @@ def test_validate_rechecks_a_config_built_directly() -> None:
         bad.validate("cli")
 
 
+# ------------------------------------------------------------------------ every problem at once
+
+
+def test_two_out_of_range_settings_are_both_named_in_one_line() -> None:
+    message = config_error({"num-clients": 0, "learning-rate": -1.0})
+    assert "'num-clients' = 0 is invalid; use an integer >= 1" in message
+    assert "'learning-rate' = -1.0 is invalid; use a number > 0" in message
+    assert "\n" not in message
+
+
+def test_an_unknown_setting_and_a_mistyped_one_are_both_named() -> None:
+    message = config_error({"colour": "blue", "batch-size": "16"})
+    assert "unknown setting 'colour'" in message
+    assert "'batch-size' = '16' is a str; expected int" in message
+
+
+def test_a_range_problem_and_a_combination_problem_are_both_named() -> None:
+    message = config_error({"seed": -1, "dp": True, "strategy": "fedprox"})
+    assert "'seed' = -1 is invalid" in message
+    assert "strategy 'fedprox' with dp = true" in message
+
+
+def test_each_problem_names_the_source() -> None:
+    with pytest.raises(RunConfigError) as info:
+        RunConfig.from_mapping({"local-epochs": 0, "batch-size": 0}, source="my.toml")
+    assert str(info.value).count("my.toml: ") == 2
+
+
 # ---------------------------------------------------------------------------- parse_override
 
 

@@ -13,10 +13,10 @@ from common.schema import (
     NumericFeature,
     Schema,
     SchemaError,
-    infer_schema,
     load_schema,
     save_schema,
 )
+from common.schema_inference import infer_schema
 
 TABULAR = Schema(
     label="y",

@@ -20,7 +20,8 @@ from common.model_factory import build_model
 from common.run_config import RunConfig, RunConfigError
 from common.tasks import task_schema
 from server.app import update_policy
-from server.federation import FederationError, run_federation, run_round
+from server.federation import run_federation, run_round
+from server.federation_error import FederationError
 from server.run_record import RunRecorder
 from server.secure_aggregation import SecureAggregation
 from server.strategy_choice import build_strategy

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import csv
 import gzip
+import shutil
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from common.run_config import RunConfig
+from common.run_config import PROJECT_ROOT, RunConfig
 from common.schema import Schema, load_schema
 from common.site_data import DataFileError, EncodedDataset
 from common.tasks import (
@@ -292,3 +295,18 @@ def test_task_schema_of_bundled_task_ignores_schema_file(
 
 def test_custom_task_has_no_central_test_set(custom_files: tuple[Path, Path]) -> None:
     assert load_central_test(custom_config(custom_files)) is None
+
+
+def test_code_run_from_an_app_package_reads_the_installed_checkouts_data(tmp_path: Path) -> None:
+    # `flwr run` installs the app package (code, no data records) under $FLWR_HOME/apps.
+    package = tmp_path / "apps" / "confide.confide.0.1.0.0123abcd"
+    shutil.copytree(PROJECT_ROOT / "common", package / "common")
+    (package / "data" / "uci_heart_disease").mkdir(parents=True)  # READMEs and schemas travel
+    shown = subprocess.run(
+        [sys.executable, "-c", "from common.tasks import DATA_DIR; print(DATA_DIR)"],
+        cwd=package,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert Path(shown.stdout.strip()) == PROJECT_ROOT / "data"

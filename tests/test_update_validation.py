@@ -14,7 +14,7 @@ from server.app import update_policy
 from server.federation import evaluate_round, run_round
 from server.strategy_choice import build_strategy
 from server.update_validation import UpdatePolicy, screen_update
-from tests.local_grid import LocalGrid
+from tests.local_grid import LocalGrid, named_arrays
 
 HOSPITALS = {10 + i: {"partition-id": i} for i in range(4)}
 CLEVELAND = 10
@@ -29,7 +29,8 @@ def global_arrays(config: RunConfig) -> ArrayRecord:
 
 
 def replace_arrays(reply: Message, transform) -> Message:
-    arrays = reply.content["arrays"]
+    """A hostile client's reply: named arrays (the coordinator accepts them as well as packed)."""
+    arrays = named_arrays(reply.content["arrays"], config_for())
     reply.content["arrays"] = ArrayRecord(
         {name: Array(transform(name, array.numpy())) for name, array in arrays.items()}
     )
@@ -42,7 +43,7 @@ def poison_cleveland(transform):
     def tamper(node: int, sent: Message, reply: Message) -> Message:
         if node != CLEVELAND or reply.has_error() or "arrays" not in reply.content:
             return reply
-        global_model = sent.content["arrays"]
+        global_model = named_arrays(sent.content["arrays"], config_for())
         return replace_arrays(reply, lambda n, a: transform(n, global_model[n].numpy(), a))
 
     return tamper

@@ -12,7 +12,7 @@ A request body larger than what Flower ever sends is refused (413) by nginx befo
 SuperLink: Flower pushes a model as separate objects, each array split into chunks of at most
 5 MB (`FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE`), so the largest request is one chunk plus framing,
 whatever the model's size. `SITE_STATUS_PREFIX` answers "invited" or "revoked" for a key's
-fingerprint, so a refused site can say why (server/coordinator.py `write_site_status` writes the
+fingerprint, so a refused site can say why (coordinator.py `write_site_status` writes the
 map nginx includes; the coordinator reloads nginx when it changes).
 
 The hop from nginx to the SuperLink is TLS too (a loopback-only certificate the coordinator makes

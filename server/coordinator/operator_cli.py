@@ -1,14 +1,14 @@
 """`flwr`, Flower's own CLI, with the operator credential on every Control API request.
 
-Run as `python -m server.operator_cli ARGS` by server/flwr_control.py; the credential file is named
-in the environment (server/operator_credential.py). Everything else is Flower's CLI unchanged.
+Run as `python -m server.coordinator.operator_cli ARGS` by flwr_control.py; the credential file is named
+in the environment (operator_credential.py). Everything else is Flower's CLI unchanged.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from server.operator_credential import HEADER, credential_from_environment
+from server.coordinator.operator_credential import HEADER, credential_from_environment
 
 
 def main() -> None:

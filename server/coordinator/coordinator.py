@@ -3,7 +3,7 @@
 `start` checks every input first (certificates, key, host names, port, nginx), then starts
 `flower-superlink` on loopback (TLS, SuperNode authentication, SQLite state, no runtime dependency
 installation), registers the invited clients' public keys, and opens the public port with nginx
-(`server/control_proxy.py`). It stays in the foreground until Ctrl-C or SIGTERM (what systemd and
+(`control_proxy.py`). It stays in the foreground until Ctrl-C or SIGTERM (what systemd and
 ops people expect), then stops everything it started. `stop` asks a running `start` to do so.
 `run` submits training to that SuperLink through Flower's CLI on loopback, waits for the invited
 clients, follows the run and leaves the same run directory as `confide simulate`.
@@ -14,7 +14,7 @@ does not know is registered and every node whose key is no longer invited (revok
 unregistered, so a site joins without a restart and a revocation takes effect within seconds.
 
 The state directory holds everything that must survive a restart (the SuperLink database, which
-keys are registered) plus logs, the operator credential (server/operator_credential.py) and the
+keys are registered) plus logs, the operator credential (operator_credential.py) and the
 coordinator's private loopback TLS identity.
 """
 
@@ -36,16 +36,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from common.certificates import (
-    CertificateError,
-    CertsLayout,
-    client_public_keys,
+from common.atomic_file import write_atomically, write_json_atomically
+from common.certificates.checking import (
     describe,
-    init_certs,
-    revoked_clients,
     verify_key_matches_certificate,
     verify_server_certificate,
 )
+from common.certificates.issuing import init_certs
+from common.certificates.layout import CertsLayout
+from common.certificates.manifest import client_public_keys, revoked_clients
 from common.processes import (
     ManagedProcess,
     ProcessError,
@@ -60,21 +59,21 @@ from common.processes import (
 )
 from common.site_keys import (
     SITE_STATUS_PREFIX,
+    CertificateError,
     flower_public_key_bytes,
     load_public_key,
     status_name,
-    write_atomic,
 )
-from server import flwr_control
-from server.control_proxy import (
+from server.coordinator import flwr_control
+from server.coordinator.control_proxy import (
     DEFAULT_MAX_REQUEST_MB,
     NGINX_HINT,
     UPSTREAM_TLS_NAME,
     ProxySettings,
     start_proxy,
 )
-from server.flwr_control import ControlConnection, ControlError
-from server.operator_credential import TOKEN_FILE_ENV, create_credential
+from server.coordinator.flwr_control import ControlConnection, ControlError
+from server.coordinator.operator_credential import TOKEN_FILE_ENV, create_credential
 
 log = logging.getLogger(__name__)
 
@@ -147,12 +146,6 @@ def read_status(state: Path) -> dict[str, Any] | None:
         return dict(json.loads(StateLayout(state).status_file.read_text()))
     except (OSError, ValueError):
         return None
-
-
-def _write_json(path: Path, document: Mapping[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(document, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def running_status(state: Path) -> dict[str, Any] | None:
@@ -316,9 +309,9 @@ def _loopback_identity(state: StateLayout) -> CertsLayout:
 def _superlink_argv(tls: CertsLayout, database: Path, port: int, auth: bool) -> list[str]:
     """Loopback only, TLS even there; SuperNode authentication unless a plaintext experiment
     (Flower cannot authenticate SuperNodes without TLS on their side). `flower-superlink` itself,
-    run through `server.superlink_launcher` for a longer SQLite lock wait."""
+    run through `server.coordinator.superlink_launcher` for a longer SQLite lock wait."""
     argv = [
-        sys.executable, "-m", "server.superlink_launcher",
+        sys.executable, "-m", "server.coordinator.superlink_launcher",
         "--ssl-certfile", str(tls.server_cert),
         "--ssl-keyfile", str(tls.server_key),
         "--ssl-ca-certfile", str(tls.ca_cert),
@@ -358,7 +351,7 @@ class Coordinator:
         self.processes.clear()
         status = read_status(self.settings.state) or {}
         if status.get("pid") == os.getpid():
-            _write_json(
+            write_json_atomically(
                 StateLayout(self.settings.state).status_file, {**status, "status": "stopped"}
             )
 
@@ -392,7 +385,7 @@ def start_coordinator(settings: StartSettings) -> Coordinator:
         "certs": str(settings.certs) if settings.certs else None,
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    _write_json(state.status_file, status)
+    write_json_atomically(state.status_file, status)
     try:
         fresh_database = not state.database.exists()
         superlink = ManagedProcess(
@@ -435,7 +428,7 @@ def start_coordinator(settings: StartSettings) -> Coordinator:
         process_start_ticks={p.name: process_start_ticks(p.pid) for p in coordinator.processes},
         clients=sorted(coordinator.registered),
     )
-    _write_json(state.status_file, status)
+    write_json_atomically(state.status_file, status)
     return coordinator
 
 
@@ -508,7 +501,7 @@ def sync_invitations(
             node_id = flwr_control.register_node(connection, invited[name], name)
             log.info("registered client %s (node %s)", name, node_id)
         record[name] = {"public_key": lines[name].split()[1].decode(), "node_id": node_id}
-    _write_json(state.registered, record)
+    write_json_atomically(state.registered, record)
     revoked = {name: load_public_key(path)[1] for name, path in revoked_clients(certs).items()}
     write_site_status(state.site_status, lines, revoked)
     return record
@@ -529,7 +522,7 @@ def write_site_status(
     with contextlib.suppress(OSError):
         if path.read_text() == text:
             return
-    write_atomic(path, text.encode(), 0o644)
+    write_atomically(path, text.encode())
 
 
 def serve(coordinator: Coordinator, should_stop: threading.Event) -> None:
@@ -575,7 +568,9 @@ def _resync(coordinator: Coordinator, certs: Path) -> None:
         return
     status = read_status(state.root) or {}
     if status.get("pid") == os.getpid():
-        _write_json(state.status_file, {**status, "clients": sorted(coordinator.registered)})
+        write_json_atomically(
+            state.status_file, {**status, "clients": sorted(coordinator.registered)}
+        )
     log.info("membership now: %s", ", ".join(sorted(coordinator.registered)) or "nobody")
 
 

@@ -5,8 +5,8 @@ stop and list runs, read run configs) on the same loopback port nginx forwards t
 and authenticates no Control caller: any local user could run `flwr ls` against it. So the
 coordinator makes a random credential at start, in its state directory, readable by the service
 user only (0600 in a 0700 directory); the SuperLink, started through
-`server/superlink_launcher.py`, answers 403 to every Control API request without it, and
-`confide coordinator` sends it through `server/operator_cli.py`, Flower's own `flwr` CLI with one
+`superlink_launcher.py`, answers 403 to every Control API request without it, and
+`confide coordinator` sends it through `operator_cli.py`, Flower's own `flwr` CLI with one
 extra header. Proof of being the operator = being able to read that file. nginx never forwards
 `/v1/control/`, so the credential never travels beyond loopback.
 """
@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
-from common.site_keys import write_atomic
+from common.atomic_file import write_atomically
 
 HEADER = "x-confide-operator"
 TOKEN_FILE_ENV = "CONFIDE_OPERATOR_CREDENTIAL"
@@ -37,7 +37,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 def create_credential(path: Path) -> str:
     """A fresh credential for this start (0600 from its first byte); the old one stops working."""
     token = secrets.token_urlsafe(32)
-    write_atomic(path, token.encode() + b"\n", 0o600)
+    write_atomically(path, token.encode() + b"\n", 0o600)
     return token
 
 

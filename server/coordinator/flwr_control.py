@@ -1,9 +1,9 @@
 """The coordinator's own hand on Flower's Control API: the `flwr` CLI, pointed at loopback.
 
 We drive Flower's supported client (`flwr ... --format json`) instead of its internal Python
-classes, so a Flower patch release changes nothing here; it runs as `server/operator_cli.py`, which
+classes, so a Flower patch release changes nothing here; it runs as `operator_cli.py`, which
 adds the operator credential the SuperLink demands on its Control API
-(server/operator_credential.py). `flwr` reads its connections from
+(operator_credential.py). `flwr` reads its connections from
 `$FLWR_HOME/config.toml`; the coordinator gives it a home inside its state directory, so the
 operator's own `~/.flwr` is never read or written, and the only connection it knows is the
 SuperLink on 127.0.0.1 (TLS, trusting the coordinator's loopback CA).
@@ -21,7 +21,7 @@ from typing import Any
 
 from common.flower_args import FlowerArgumentError, key_values
 from common.processes import child_environment
-from server.operator_credential import TOKEN_FILE_ENV
+from server.coordinator.operator_credential import TOKEN_FILE_ENV
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class ControlConnection:
 
     def call(self, *args: str, timeout: float = CALL_TIMEOUT_SECONDS) -> dict[str, Any]:
         """Run `flwr ARGS --format json`; returns the JSON document or raises ControlError."""
-        argv = [sys.executable, "-m", "server.operator_cli", *args, "--format", "json"]
+        argv = [sys.executable, "-m", "server.coordinator.operator_cli", *args, "--format", "json"]
         try:
             result = subprocess.run(
                 argv,

@@ -1,7 +1,7 @@
 """`confide coordinator run`: train on the joined sites and leave the usual run directory.
 
 Talks to the coordinator started by `confide coordinator start` for the same state directory,
-over its loopback Control API (`server/flwr_control.py`): admits any client invited since the
+over its loopback Control API (`flwr_control.py`): admits any client invited since the
 start, waits until the expected sites are online, submits this repository's Flower app with the
 run settings, and follows it until Flower reports it finished. The ServerApp writes the run
 directory itself (metrics.json, model.safetensors, plots), exactly as under `confide simulate`.
@@ -18,18 +18,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.certificates import CertificateError
 from common.run_config import PROJECT_ROOT, RunConfig, RunConfigError
-from server import flwr_control
-from server.coordinator import (
+from common.site_keys import CertificateError
+from server.coordinator import flwr_control
+from server.coordinator.coordinator import (
     CoordinatorError,
     StateLayout,
     ready_status,
     sync_invitations,
 )
-from server.flwr_control import ControlConnection, ControlError
-from server.run_record import ResumeError, resumable_metrics
-from simulations.progress import read_metrics
+from server.coordinator.flwr_control import ControlConnection, ControlError
+from server.run_record import ResumeError, read_metrics, resumable_metrics
 
 POLL_SECONDS = 2.0
 RUN_STATUS_EVERY_SECONDS = 30.0  # metrics.json tells us sooner; this catches a crashed ServerApp
