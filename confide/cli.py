@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -78,6 +79,12 @@ def simulate(
     tensorboard: Annotated[
         bool, typer.Option(help="Also write RUN/tensorboard/ (needs tensorboard installed)")
     ] = False,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="HOST:PORT of a running Ray cluster to run the clients on (left running)"
+        ),
+    ] = None,
 ) -> None:
     """Rehearse a federation on this machine with Flower's simulation engine.
 
@@ -115,6 +122,8 @@ def simulate(
             partition_plan(run.scenario.config)
     except USER_ERRORS as error:
         raise fail(str(error)) from None
+    if ray_address is not None:
+        runs = [replace(run, scenario=on_cluster(run.scenario, ray_address)) for run in runs]
     if not runs[0].values:
         simulate_run(runs[0].scenario, resume is None, quiet, verbose, tensorboard)
         return
@@ -136,6 +145,10 @@ def simulate(
         raise fail(f"{len(failed)} of {len(runs)} sweep runs failed: {', '.join(failed)}")
 
 
+def on_cluster(plan: Scenario, ray_address: str) -> Scenario:
+    return replace(plan, resources=replace(plan.resources, ray_address=ray_address))
+
+
 def simulate_run(
     plan: Scenario, fresh: bool, quiet: bool, verbose: bool, tensorboard: bool
 ) -> None:
@@ -151,6 +164,18 @@ def simulate_run(
         f"{len(names)} clients, {plan.config.num_server_rounds} rounds, "
         f"strategy {plan.config.strategy} -> {run_dir}"
     )
+    if plan.resources.ray_address:
+        from simulations.ray_cluster import RayClusterError, attach
+
+        try:
+            resources = plan.resources
+            console.print(
+                attach(
+                    resources.ray_address, resources.cpus_per_client, resources.gpus_per_client
+                ).line()
+            )
+        except RayClusterError as error:
+            raise fail(str(error)) from None
     if fresh:
         (run_dir / "metrics.json").unlink(missing_ok=True)
     try:

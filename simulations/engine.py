@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from common.flower_compat import new_simulation_run, run_simulation_engine
 from common.run_config import PROJECT_ROOT, RunConfig
 from simulations.dispatch import install_one_pass_dispatch
+from simulations.ray_cluster import attach
 
 SERVER_APP = "server.app:app"
 CLIENT_APP = "client.app:app"
@@ -29,13 +30,15 @@ class Resources:
 
     cpus_per_client: float = 1.0
     gpus_per_client: float = 0.0
+    ray_address: str = ""  # HOST:PORT of a running Ray cluster to join (simulations/ray_cluster.py)
 
     def check_fits(self, source: str) -> None:
         cores = os.cpu_count() or 1
-        if not 0 < self.cpus_per_client <= cores:
+        if self.cpus_per_client <= 0 or (not self.ray_address and self.cpus_per_client > cores):
             raise ValueError(
                 f"{source}: 'cpus-per-client' = {self.cpus_per_client} cannot fit one worker on "
-                f"this machine's {cores} cores; use a number in (0, {cores}]"
+                f"this machine's {cores} cores; use a number in (0, {cores}] (or a Ray cluster "
+                "with --ray-address)"
             )
         if not 0 <= self.gpus_per_client <= 1:
             raise ValueError(
@@ -54,6 +57,8 @@ def run_in_simulation(config: RunConfig, resources: Resources, verbose: bool = F
     os.environ.setdefault("RAY_worker_niceness", "0")
     from flwr.app import Context, RecordDict
 
+    if resources.ray_address:  # joined before the engine starts, which then uses it as is
+        attach(resources.ray_address, resources.cpus_per_client, resources.gpus_per_client)
     install_one_pass_dispatch()  # Flower's per-node message scan, see simulations/dispatch.py
     run = new_simulation_run(config.to_mapping())
     context = Context(

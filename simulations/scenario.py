@@ -17,7 +17,11 @@ from common.site_policy import PolicyError, load_policy
 from simulations.engine import Resources
 
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
-RESOURCE_KEYS = {"cpus-per-client": "cpus_per_client", "gpus-per-client": "gpus_per_client"}
+RESOURCE_KEYS = {
+    "cpus-per-client": "cpus_per_client",
+    "gpus-per-client": "gpus_per_client",
+    "ray-address": "ray_address",
+}
 
 
 class ScenarioError(ValueError):
@@ -104,10 +108,15 @@ def _resources(table: Any, path: Path) -> Resources:
         raise ScenarioError(
             f"{path}: unknown key resources.{unknown[0]}; valid: {', '.join(RESOURCE_KEYS)}"
         )
-    values = {}
+    values: dict[str, Any] = {}
     for key, attr in RESOURCE_KEYS.items():
         if key in table:
             value = table[key]
+            if key == "ray-address":
+                if not isinstance(value, str):
+                    raise ScenarioError(f"{path}: resources.{key} = {value!r} must be HOST:PORT")
+                values[attr] = value
+                continue
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ScenarioError(f"{path}: resources.{key} = {value!r} must be a number")
             values[attr] = float(value)

@@ -1,0 +1,142 @@
+"""`confide simulate --ray-address`: the clients run on a Ray cluster that was already running.
+
+The real thing on 127.0.0.1: a head node and a second Ray node started with `ray start` (one CPU
+each, so the two clients that run at once must sit on different nodes), the simulation joins,
+trains, and leaves both nodes running; the test stops them. Bad addresses are refused in one line
+within seconds, with nothing started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from common.processes import free_port
+from simulations.ray_cluster import clients_per_node
+from tests.test_simulate_cli import confide
+
+RAY = Path(sys.executable).parent / "ray"
+NODE_OPTIONS = ["--block", "--num-cpus", "1", "--node-ip-address", "127.0.0.1",
+                "--disable-usage-stats"]  # fmt: skip
+
+
+def test_an_address_nothing_answers_at_is_one_line_naming_it_and_fast(tmp_path):
+    address = f"127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    result = confide("simulate", "heart", "--ray-address", address, "--out", str(tmp_path))
+    assert time.monotonic() - started < 30
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and address in lines[0] and "ray start --head" in lines[0]
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_an_address_without_a_port_says_what_to_give(tmp_path):
+    result = confide("simulate", "heart", "--ray-address", "my-cluster", "--out", str(tmp_path))
+    assert result.returncode != 0
+    assert "expected HOST:PORT" in result.stderr and "my-cluster" in result.stderr
+
+
+def test_clients_per_node_counts_as_flowers_actor_pool_does():
+    nodes = [
+        {"Alive": True, "Resources": {"CPU": 4.0, "GPU": 1.0}},
+        {"Alive": True, "Resources": {"CPU": 2.0}},
+        {"Alive": False, "Resources": {"CPU": 64.0}},  # a node that left
+    ]
+    assert clients_per_node(nodes, 1.0, 0.0) == [4, 2]
+    assert clients_per_node(nodes, 2.0, 0.25) == [2, 0]  # the GPU-less node fits none
+
+
+def _alive_nodes(address: str) -> int:
+    probe = (
+        f"import ray; ray.init(address={address!r}, logging_level='ERROR', log_to_driver=False); "
+        "print(sum(n['Alive'] for n in ray.nodes()))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False
+    )
+    return int(result.stdout.strip() or 0) if result.returncode == 0 else 0
+
+
+def _start_node(args: list[str], log: Path) -> subprocess.Popen:
+    with log.open("w") as out:
+        return subprocess.Popen(
+            [str(RAY), "start", *args, *NODE_OPTIONS],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+
+def _stop(node: subprocess.Popen) -> None:
+    """The node and everything it started (its own session): raylet, GCS, workers."""
+    if node.poll() is None:
+        os.killpg(node.pid, signal.SIGTERM)
+        try:
+            node.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(node.pid, signal.SIGKILL)
+            node.wait(timeout=10)
+
+
+@pytest.fixture
+def two_node_cluster(tmp_path) -> Iterator[str]:
+    address = f"127.0.0.1:{free_port()}"
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Unix sockets need a short path
+    nodes = [
+        _start_node(["--head", "--port", address.rsplit(":", 1)[1], "--temp-dir", temp_dir,
+                     "--include-dashboard", "false"], tmp_path / "head.log")
+    ]  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        while _alive_nodes(address) < 1:
+            assert time.monotonic() < deadline, (tmp_path / "head.log").read_text()[-2000:]
+            time.sleep(2)
+        nodes.append(_start_node(["--address", address], tmp_path / "worker.log"))
+        while _alive_nodes(address) < 2:
+            assert time.monotonic() < deadline, (tmp_path / "worker.log").read_text()[-2000:]
+            time.sleep(2)
+        yield address
+    finally:
+        for node in reversed(nodes):
+            _stop(node)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_a_simulation_runs_on_both_nodes_of_a_running_cluster_and_leaves_it_running(
+    two_node_cluster, tmp_path
+):
+    address = two_node_cluster
+    out = tmp_path / "run"
+    result = confide(
+        "simulate", "heart", "--rounds", "2", "--ray-address", address, "--out", str(out),
+        "--quiet", timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    shown = " ".join(result.stdout.split())  # the console wraps long lines
+    # One CPU per node and one per client: the two clients that run at once are on two nodes.
+    assert f"attached to the Ray cluster at {address}: 2 nodes" in shown
+    assert "clients at once per node: 1, 1" in shown
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "completed"
+    assert len(metrics["rounds"][-1]["clients"]) == 4
+    assert metrics["rounds"][-1]["accuracy"] > metrics["initial"]["accuracy"]
+    assert _alive_nodes(address) == 2  # the cluster is still there for the next run
+
+    too_big = tmp_path / "too-big.toml"
+    too_big.write_text(
+        f'task = "heart"\n[resources]\ncpus-per-client = 4\nray-address = "{address}"\n'
+    )
+    refused = confide("simulate", str(too_big), "--out", str(tmp_path / "refused"))
+    assert refused.returncode != 0
+    assert "no node of the cluster has cpus-per-client = 4" in refused.stderr
+    assert _alive_nodes(address) == 2
