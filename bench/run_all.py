@@ -24,6 +24,7 @@ BENCHMARKS = (
     "secure_aggregation",
     "audit",
     "message_overhead",
+    "ray_cluster",
 )
 
 

@@ -9,25 +9,15 @@ within seconds, with nothing started.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from common.processes import free_port
 from simulations.ray_cluster import clients_per_node
+from tests.local_ray_cluster import alive_nodes, local_ray_cluster
 from tests.test_simulate_cli import confide
-
-RAY = Path(sys.executable).parent / "ray"
-NODE_OPTIONS = ["--block", "--num-cpus", "1", "--node-ip-address", "127.0.0.1",
-                "--disable-usage-stats"]  # fmt: skip
 
 
 def test_an_address_nothing_answers_at_is_one_line_naming_it_and_fast(tmp_path):
@@ -57,58 +47,10 @@ def test_clients_per_node_counts_as_flowers_actor_pool_does():
     assert clients_per_node(nodes, 2.0, 0.25) == [2, 0]  # the GPU-less node fits none
 
 
-def _alive_nodes(address: str) -> int:
-    probe = (
-        f"import ray; ray.init(address={address!r}, logging_level='ERROR', log_to_driver=False); "
-        "print(sum(n['Alive'] for n in ray.nodes()))"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False
-    )
-    return int(result.stdout.strip() or 0) if result.returncode == 0 else 0
-
-
-def _start_node(args: list[str], log: Path) -> subprocess.Popen:
-    with log.open("w") as out:
-        return subprocess.Popen(
-            [str(RAY), "start", *args, *NODE_OPTIONS],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-
-
-def _stop(node: subprocess.Popen) -> None:
-    """The node and everything it started (its own session): raylet, GCS, workers."""
-    if node.poll() is None:
-        os.killpg(node.pid, signal.SIGTERM)
-        try:
-            node.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(node.pid, signal.SIGKILL)
-            node.wait(timeout=10)
-
-
 @pytest.fixture
 def two_node_cluster(tmp_path) -> Iterator[str]:
-    address = f"127.0.0.1:{free_port()}"
-    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Unix sockets need a short path
-    nodes = [
-        _start_node(["--head", "--port", address.rsplit(":", 1)[1], "--temp-dir", temp_dir,
-                     "--include-dashboard", "false"], tmp_path / "head.log")
-    ]  # fmt: skip
-    try:
-        deadline = time.monotonic() + 90
-        while _alive_nodes(address) < 1:
-            assert time.monotonic() < deadline, (tmp_path / "head.log").read_text()[-2000:]
-            time.sleep(2)
-        nodes.append(_start_node(["--address", address], tmp_path / "worker.log"))
-        while _alive_nodes(address) < 2:
-            assert time.monotonic() < deadline, (tmp_path / "worker.log").read_text()[-2000:]
-            time.sleep(2)
+    with local_ray_cluster(2, tmp_path) as address:
         yield address
-    finally:
-        for node in reversed(nodes):
-            _stop(node)
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.mark.slow
@@ -130,7 +72,7 @@ def test_a_simulation_runs_on_both_nodes_of_a_running_cluster_and_leaves_it_runn
     assert metrics["status"] == "completed"
     assert len(metrics["rounds"][-1]["clients"]) == 4
     assert metrics["rounds"][-1]["accuracy"] > metrics["initial"]["accuracy"]
-    assert _alive_nodes(address) == 2  # the cluster is still there for the next run
+    assert alive_nodes(address) == 2  # the cluster is still there for the next run
 
     too_big = tmp_path / "too-big.toml"
     too_big.write_text(
@@ -139,4 +81,4 @@ def test_a_simulation_runs_on_both_nodes_of_a_running_cluster_and_leaves_it_runn
     refused = confide("simulate", str(too_big), "--out", str(tmp_path / "refused"))
     assert refused.returncode != 0
     assert "no node of the cluster has cpus-per-client = 4" in refused.stderr
-    assert _alive_nodes(address) == 2
+    assert alive_nodes(address) == 2
