@@ -94,10 +94,12 @@ class RunResult:
     log: str = ""
 
 
-def _confide_command(variant: str, clients: int, rounds: int, out: Path) -> tuple[list[str], dict]:
+def _confide_command(
+    variant: str, clients: int, rounds: int, out: Path, alpha: float
+) -> tuple[list[str], dict]:
     args = [
         "simulate", "bank", "--clients", str(clients), "--rounds", str(rounds),
-        "--set", "local-epochs=1", "--set", f"dirichlet-alpha={DIRICHLET_ALPHA}",
+        "--set", "local-epochs=1", "--set", f"dirichlet-alpha={alpha}",
         "--quiet", "--out", str(out),
     ]  # fmt: skip
     if variant == "confide":
@@ -150,7 +152,13 @@ class _RoundWatcher:
 
 
 def run_one(
-    variant: str, clients: int, rounds: int, work: Path, per_round: int, timeout: float
+    variant: str,
+    clients: int,
+    rounds: int,
+    work: Path,
+    per_round: int,
+    timeout: float,
+    alpha: float = DIRICHLET_ALPHA,
 ) -> RunResult:
     out = work / f"{variant}-{clients}"
     out.mkdir(parents=True, exist_ok=True)
@@ -161,7 +169,7 @@ def run_one(
         command = _baseline_command(variant, clients, rounds, per_round, timing)
         watched = timing
     else:
-        command, extra = _confide_command(variant, clients, rounds, out)
+        command, extra = _confide_command(variant, clients, rounds, out, alpha)
         env.update(extra)
         (out / "metrics.json").unlink(missing_ok=True)
         watched = out / "metrics.json"
@@ -337,7 +345,7 @@ def report(results: list[RunResult], args: argparse.Namespace, load: tuple[float
         "the rest of the machine used during the measured rounds.",
         "",
         "**Workload:** `bank` (UCI Bank Marketing, 45,211 records, 2/3 for training), "
-        f"Dirichlet label skew with alpha = {DIRICHLET_ALPHA} (the scenario's 1.0 cannot give "
+        f"Dirichlet label skew with alpha = {args.dirichlet_alpha} (the scenario's 1.0 cannot give "
         "1,000 clients 2 records each), 1 local epoch, batch 64, Adam, Confide's default "
         "Transformer (width 32, depth 2). Every round trains and then evaluates every sampled "
         "client. Total data per round is the same at every N, so per-client work shrinks as N "
@@ -433,6 +441,12 @@ def main() -> None:
         help="clients the baseline samples per round (0: all); the full round is extrapolated",
     )
     parser.add_argument("--timeout", type=float, default=900, help="seconds per run")
+    parser.add_argument(
+        "--dirichlet-alpha",
+        type=float,
+        default=DIRICHLET_ALPHA,
+        help="label skew of bank's split (10,000 clients need about 100 for 2 records each)",
+    )
     parser.add_argument("--baseline-timeout", type=float, default=600)
     parser.add_argument("--work", default="/tmp/confide-scale")
     parser.add_argument("--out", default=str(RESULTS / "scale.md"))
@@ -462,7 +476,9 @@ def main() -> None:
                 rounds = args.rounds_1000 if n >= 1000 and variant == "confide" else args.rounds
                 timeout = args.timeout
             per_round = 0 if variant == "flower-floor" else args.baseline_clients_per_round
-            results.append(run_one(variant, n, rounds, work, per_round, timeout))
+            results.append(
+                run_one(variant, n, rounds, work, per_round, timeout, args.dirichlet_alpha)
+            )
     text = report(results, args, load)
     print("\n" + text)
     out = Path(args.out)
