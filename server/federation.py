@@ -28,7 +28,6 @@ from server.strategy_state import strategy_state
 from server.update_validation import UpdatePolicy, global_values, screen_update
 
 log = logging.getLogger(__name__)
-"""A site's reply that declines on purpose (its policy, its budget): the ClientApp's code."""
 
 
 @dataclass(frozen=True)

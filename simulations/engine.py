@@ -2,11 +2,11 @@
 
 `flwr run .` works too (README), but starts a detached local SuperLink that outlives the command
 and installs the app package first; `flwr.simulation.run_simulation` hands the ServerApp an empty
-run config. Instead we
-call the engine entry point that Flower's own `flwr-simulation` process uses (a Flower internal,
-reached through common/flower_compat.py), with the app directory, the fused run config and the
-backend settings: same apps, no side effects, nothing left running when it returns. Flower loads
-only when a run starts, so the command line stays quick for everything else.
+run config. Instead we call the engine entry point that Flower's own `flwr-simulation` process
+uses (a Flower internal, reached through common/flower_compat.py), with the app directory, the
+fused run config and the backend settings: same apps, no side effects, nothing left running when
+it returns. Flower loads only when a run starts, so the command line stays quick for everything
+else.
 """
 
 from __future__ import annotations
