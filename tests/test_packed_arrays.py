@@ -115,3 +115,27 @@ def test_a_simulation_hands_the_model_over_as_named_arrays():
     message = Message(RecordDict({"arrays": GLOBAL}), dst_node_id=1, message_type="train")
     (sent,) = packed([message], GLOBAL, in_memory)
     assert list(sent.content["arrays"]) == list(GLOBAL)
+
+
+def test_a_site_refuses_a_packed_model_that_is_not_its_own_layout(tmp_path):
+    """A hostile coordinator's packed model one float short: the site unpacks against its own
+    model, so it answers with an error, trains nothing and charges nothing to its ledger."""
+    config = RunConfig.from_mapping(
+        {"num-server-rounds": 1, "local-epochs": 1, "dp": True, "target-epsilon": 3.0,
+         "batch-size": 8, "run-dir": str(tmp_path)}
+    )  # fmt: skip
+    grid = LocalGrid(client_app, config.to_mapping(), {1: {"partition-id": 0}})
+    arrays = ArrayRecord(build_model(task_schema(config), config).state_dict())
+    messages = build_strategy(config).configure_train(1, arrays, ConfigRecord(), grid)
+    (message,) = packed(messages, arrays, grid)
+    wire = message.content["arrays"]
+    message.content["arrays"] = ArrayRecord({PACKED_KEY: Array(wire[PACKED_KEY].numpy()[:-4])})
+    (reply,) = grid.send_and_receive([message])
+    assert reply.has_error() and "the model needs uint8" in reply.error.reason
+    ledgers = tmp_path / "privacy-ledgers"
+    assert not list(ledgers.glob("*.json"))  # nothing charged
+
+    message.content["arrays"] = wire  # the honest model is trained on, and charged
+    (reply,) = grid.send_and_receive([message])
+    assert not reply.has_error(), reply.error.reason
+    assert list(ledgers.glob("*.json"))
