@@ -19,6 +19,7 @@ require_flower("client/flower_runtime.py")
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -27,18 +28,32 @@ import httpx
 from flwr.app import Context, Message
 from flwr.cli.build import build_fab_from_disk
 from flwr.common.constant import ErrorCode, SubStatus
+from flwr.common.serde import context_from_proto, fab_from_proto
+from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
 from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
     AcquireTaskRequest,
+    PullAppMessagesRequest,
+    PullAppMessagesResponse,
+    PullTaskInputRequest,
     SendTaskHeartbeatRequest,
 )
 from flwr.supercore.constant import TaskType
+from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+    make_confirm_message_received_fn_protobuf,
+    make_pull_object_fn_protobuf,
+)
+from flwr.supercore.inflatable.inflatable_utils import (
+    ObjectPullError,
+    pull_and_inflate_object_from_tree,
+)
 from flwr.supercore.interceptors import (
     RuntimeTokenHttpInterceptor,
     RuntimeVersionHttpInterceptor,
     SuperExecAuthHttpInterceptor,
 )
 from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +64,10 @@ APP_RAISED = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 # Flower expires a claimed task after two missed 30 s heartbeats and answers "ClientApp stopped
 # responding" in its place; a beat every 10 s keeps a long training round claimed.
 HEARTBEAT_SECONDS = 10.0
+# The SuperNode makes a task a moment before it stores the task's message, and stores the message's
+# content only once it has it all from the SuperLink.
+MESSAGE_ARRIVAL_SECONDS = 10.0
+CONTENT_POLL_CAP_SECONDS = 1.0  # loopback polls are cheap; Flower's 10 s cap would idle the site
 COMPONENT = "confide-site-executor"
 RuntimeUnavailable = httpx.HTTPError  # the SuperNode is not (yet, or any more) answering
 
@@ -68,6 +87,11 @@ class TaskInput:
     package: bytes
     message: Message
     context: Context
+
+
+class MessageExpired(Exception):
+    """The task's message outlived its time to live before it could be read: its run stopped,
+    or its round is over, and a reply would be dropped anyway, so the site does no work for it."""
 
 
 class ClaimedTask:
@@ -92,8 +116,47 @@ class ClaimedTask:
                 log.debug("task heartbeat failed: %s", error)
 
     def pull_input(self) -> TaskInput:
-        message, context, run, fab = pull_task_input(self._client)
-        return TaskInput(self.task_type, run.run_id, fab.content, message, context)
+        """Flower's `pull_task_input`, bounded by the message's time to live. A SuperNode that
+        finds the message's run stopped while it downloads the content abandons the task without
+        closing it; Flower's unbounded pull (500 tries, up to two hours) would hold this
+        single-file site executor on that dead task and leave every later message unanswered."""
+        task = self._client.PullTaskInput(PullTaskInputRequest())
+        TaskIdentity.task_id, TaskIdentity.run_id = task.task_id, task.run.run_id
+        TaskIdentity.node_id = task.context.node_id
+        context, fab = context_from_proto(task.context), fab_from_proto(task.fab)
+        pulled = self._pull_message_tree()
+        metadata = pulled.messages_list[0].metadata
+        seconds_left = metadata.created_at + metadata.ttl - time.time()
+        expired = MessageExpired(
+            f"run {task.run.run_id}: its {metadata.message_type} message expired (time to live "
+            f"{metadata.ttl:g} s) before its content arrived; not answered"
+        )
+        if seconds_left <= 0:
+            raise expired
+        node = Node(node_id=context.node_id)
+        try:
+            message = pull_and_inflate_object_from_tree(
+                pulled.message_object_trees[0],
+                make_pull_object_fn_protobuf(self._client.PullObject, node, task.run.run_id),
+                make_confirm_message_received_fn_protobuf(
+                    self._client.ConfirmMessageReceived, node, task.run.run_id
+                ),
+                return_type=Message,
+                max_time=seconds_left,
+                backoff_cap=CONTENT_POLL_CAP_SECONDS,
+            )
+        except ObjectPullError:
+            raise expired from None
+        message.metadata.__dict__["_message_id"] = pulled.message_object_trees[0].object_id
+        return TaskInput(self.task_type, task.run.run_id, fab.content, message, context)
+
+    def _pull_message_tree(self) -> PullAppMessagesResponse:
+        deadline = time.monotonic() + MESSAGE_ARRIVAL_SECONDS
+        while not (pulled := self._client.PullMessages(PullAppMessagesRequest())).messages_list:
+            if time.monotonic() >= deadline:
+                raise RuntimeError("the SuperNode made a task but stored no message for it")
+            time.sleep(0.1)
+        return pulled
 
     def reply(self, reply: Message, context: Context, failure: str | None = None) -> None:
         """Send `reply`, then close the task: completed, or failed with `failure` as its detail

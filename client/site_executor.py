@@ -30,6 +30,7 @@ from client.flower_runtime import (
     CLIENT_APP_TASK,
     REFUSED_APP,
     ClaimedTask,
+    MessageExpired,
     RuntimeApi,
     RuntimeUnavailable,
     TaskInput,
@@ -62,6 +63,10 @@ def answer(task: ClaimedTask, app: ClientApp, verdicts: Verdicts) -> None:
     """Pull one task's input, then run the installed app on it or refuse; always closes the task."""
     try:
         given = task.pull_input()
+    except MessageExpired as error:
+        log.warning("%s", error)
+        task.fail(str(error))
+        return
     except Exception as error:  # the run may have ended meanwhile
         log.warning("could not read a task's input (%s); skipped", error)
         task.fail(f"the site could not read the task's input: {error}")

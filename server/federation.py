@@ -116,11 +116,17 @@ def split_replies(replies: Iterable[Message]) -> tuple[list[Message], list[dict[
     return usable, failures
 
 
-def packed(messages: Iterable[Message], arrays: ArrayRecord, grid: Grid) -> list[Message]:
-    """The strategy's messages with the model packed into one array (common/packed_arrays.py):
-    over a network Flower would send each of its tensors as separate requests. Flower's
-    in-memory grid (simulation) hands messages over as objects, where packing would only cost."""
+def outgoing(
+    messages: Iterable[Message], arrays: ArrayRecord, grid: Grid, timeout: float
+) -> list[Message]:
+    """The strategy's messages as they leave. Each lives one round (`timeout`): a site that gets
+    it late, after its run stopped or its round ended, drops it instead of training for a reply
+    nobody waits for. Over a network the model is packed into one array (common/packed_arrays.py),
+    where Flower would send each of its tensors as separate requests; Flower's in-memory grid
+    (simulation) hands messages over as objects, where packing would only cost."""
     messages = list(messages)
+    for message in messages:
+        message.metadata.ttl = timeout
     if isinstance(grid, InMemoryGrid):
         return messages
     wire = pack(arrays)
@@ -144,9 +150,10 @@ def evaluate_round(
 ) -> RoundRecord:
     """Federated evaluation of `arrays` on every sampled client's held-out records."""
     started = time.perf_counter()
-    messages = packed(
-        strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid), arrays, grid
-    )
+    messages = outgoing(
+        strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
+        arrays, grid, timeout,
+    )  # fmt: skip
     evaluated, failures = split_replies(grid.send_and_receive(messages, timeout=timeout))
     aggregated = strategy.aggregate_evaluate(server_round, evaluated) if evaluated else None
     clients = []
@@ -259,9 +266,10 @@ def collect_updates(
     failures: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
     for attempt in range(quorum.retries + 1):
-        messages = packed(
-            strategy.configure_train(server_round, arrays, ConfigRecord(), grid), arrays, grid
-        )
+        messages = outgoing(
+            strategy.configure_train(server_round, arrays, ConfigRecord(), grid),
+            arrays, grid, timeout,
+        )  # fmt: skip
         replied, failed = split_replies(grid.send_and_receive(messages, timeout=timeout))
         trained, refused = screen_updates(replied, arrays, policy)
         failures += [{**f, "stage": "train", "attempt": attempt + 1} for f in failed]

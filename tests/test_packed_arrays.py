@@ -20,7 +20,7 @@ from common.packed_arrays import PACKED_KEY, is_packed, layout_of, pack, unpack
 from common.received_weights import ReceivedArrayError
 from common.run_config import RunConfig
 from common.tasks import task_schema
-from server.federation import packed
+from server.federation import outgoing
 from server.strategy_choice import build_strategy
 from server.update_validation import UpdatePolicy, screen_update
 from tests.local_grid import LocalGrid
@@ -99,7 +99,9 @@ def test_the_client_app_answers_packed_requests_packed_and_named_ones_named():
 
     def one_reply(pack_it: bool) -> ArrayRecord:
         messages = build_strategy(config).configure_train(1, arrays, ConfigRecord(), grid)
-        (reply,) = grid.send_and_receive(packed(messages, arrays, grid) if pack_it else messages)
+        (reply,) = grid.send_and_receive(
+            outgoing(messages, arrays, grid, timeout=60) if pack_it else messages
+        )
         assert not reply.has_error(), reply.error.reason
         return reply.content["arrays"]
 
@@ -113,7 +115,7 @@ def test_a_simulation_hands_the_model_over_as_named_arrays():
     """Flower's in-memory grid moves messages as objects: packing there would only cost."""
     in_memory = object.__new__(InMemoryGrid)  # its type is what counts; no LinkState needed
     message = Message(RecordDict({"arrays": GLOBAL}), dst_node_id=1, message_type="train")
-    (sent,) = packed([message], GLOBAL, in_memory)
+    (sent,) = outgoing([message], GLOBAL, in_memory, timeout=60)
     assert list(sent.content["arrays"]) == list(GLOBAL)
 
 
@@ -127,7 +129,7 @@ def test_a_site_refuses_a_packed_model_that_is_not_its_own_layout(tmp_path):
     grid = LocalGrid(client_app, config.to_mapping(), {1: {"partition-id": 0}})
     arrays = ArrayRecord(build_model(task_schema(config), config).state_dict())
     messages = build_strategy(config).configure_train(1, arrays, ConfigRecord(), grid)
-    (message,) = packed(messages, arrays, grid)
+    (message,) = outgoing(messages, arrays, grid, timeout=60)
     wire = message.content["arrays"]
     message.content["arrays"] = ArrayRecord({PACKED_KEY: Array(wire[PACKED_KEY].numpy()[:-4])})
     (reply,) = grid.send_and_receive([message])
