@@ -22,6 +22,7 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
 from client.canaries import SiteAudit
 from client.dp_mods import client_side_clipping
@@ -32,7 +33,7 @@ from client.private_release import EVALUATION_BATCH_SIZE, evaluate_privately
 from client.private_training import plan_run, train_privately
 from client.secure_aggregation import secure_aggregation
 from client.simulated_faults import simulated_faults
-from client.training import choose_device, make_optimizer, train_epochs
+from client.training import RoundExpired, choose_device, make_optimizer, train_epochs
 from common.evaluation import evaluate, make_loader
 from common.model_factory import build_model
 from common.partition import ClientSplit, partition_plan
@@ -69,6 +70,11 @@ def _received_model(msg: Message, config: RunConfig, fresh: bool = False) -> tor
 def _server_round(msg: Message) -> int:
     config = msg.content.config_records.get("config")
     return int(config.get("server-round", 0)) if config else 0
+
+
+def _deadline(msg: Message) -> float:
+    """When the coordinator stops waiting for the reply (server/federation.py `outgoing`)."""
+    return msg.metadata.created_at + msg.metadata.ttl
 
 
 def _accepted_split(config: RunConfig, context: Context) -> tuple[SitePolicy, ClientSplit]:
@@ -108,8 +114,9 @@ def _train_plain(
     optimizer = make_optimizer(config.optimizer, model, config.learning_rate, config.weight_decay)
     proximal_mu = float(msg.content["config"].get("proximal-mu", 0.0))
     result = train_epochs(
-        model, loader, optimizer, config.local_epochs, choose_device(), proximal_mu
-    )
+        model, loader, optimizer, config.local_epochs, choose_device(), proximal_mu,
+        deadline=_deadline(msg),
+    )  # fmt: skip
     return {
         "num-examples": len(split.train),
         "train-loss": result.loss,
@@ -134,6 +141,7 @@ def _train_private(
         run_id=str(msg.metadata.run_id),
         server_round=_server_round(msg),
         device=choose_device(),
+        deadline=_deadline(msg),
     )
     metrics = {
         "num-examples": private.num_examples,
@@ -167,6 +175,9 @@ def train(msg: Message, context: Context) -> Message:
                 metrics = _train_plain(model, split, config, msg)
     except REFUSALS as refusal:
         return _refusal(msg, split.name if split else _node_name(config, context), refusal)
+    except RoundExpired as expired:
+        log.warning("%s: %s", split.name if split else _node_name(config, context), expired)
+        return Message(Error(code=ErrorCode.MESSAGE_UNAVAILABLE, reason=str(expired)), reply_to=msg)
     content = RecordDict(
         {
             "arrays": ArrayRecord(model.state_dict()),
@@ -233,6 +244,9 @@ def evaluate_global_model(msg: Message, context: Context) -> Message:
             }
     except REFUSALS as refusal:
         return _refusal(msg, split.name if split else _node_name(config, context), refusal)
+    except RoundExpired as expired:
+        log.warning("%s: %s", split.name if split else _node_name(config, context), expired)
+        return Message(Error(code=ErrorCode.MESSAGE_UNAVAILABLE, reason=str(expired)), reply_to=msg)
     content = RecordDict(
         {
             "metrics": MetricRecord({CLIENT_WEIGHT: 1, **metrics}),

@@ -24,7 +24,7 @@ from torch.nn import functional as F
 
 from client.dp_optimizer import FlatPrivacyEngine
 from client.private_release import noisy_count
-from client.training import make_optimizer, train_epochs
+from client.training import make_optimizer, stop_if_expired, train_epochs
 from common.evaluation import LocalResult, make_loader
 from common.models import TextTransformer
 from common.privacy import (
@@ -257,8 +257,11 @@ def train_privately(
     run_id: str,
     server_round: int,
     device: torch.device,
+    deadline: float | None = None,
 ) -> PrivateRound:
-    """Raises BudgetExhausted (from the ledger) when this round would overspend."""
+    """Raises BudgetExhausted (from the ledger) when this round would overspend, and RoundExpired
+    past `deadline`: before the charge, nothing is spent; after it, the charge stands (noised
+    steps were taken), though nothing leaves the site."""
     budget = site.budget
     # Poisson sampling and the noise draw from the OS's entropy, never from the run's seed: the
     # coordinator knows that seed, and with it could replay which records each step sampled
@@ -267,6 +270,7 @@ def train_privately(
     plan = plan_run(config, site, run_id, len(train_set))
     sigma, sample_rate, steps = plan.train_sigma, plan.sample_rate, plan.steps
     assert sample_rate == 1 / len(loader)  # what Opacus' Poisson sampler uses
+    stop_if_expired(deadline)  # calibration takes time: a round already over costs nothing
     num_examples = release_count(site, run_id, server_round, len(train_set))
     entry = LedgerEntry(run_id, server_round, sigma, sample_rate, steps, purpose="train")
     epsilon_total = site.ledger.charge(budget, entry, site.source)
@@ -315,6 +319,7 @@ def train_privately(
                         device,
                         loss_function=loss_function,
                         on_empty_batch=lambda: noise_only_step(private_model, private_optimizer),
+                        deadline=deadline,
                     )
                 )
     seen = sum(r.num_examples for r in results)

@@ -30,6 +30,18 @@ def make_optimizer(
 LossFunction = Callable[[Tensor, Tensor], Tensor]
 
 
+class RoundExpired(Exception):
+    """The round's message outlived its time to live: the coordinator stopped waiting for the
+    reply (its round ended, or its run stopped), so the site stops working on it."""
+
+
+def stop_if_expired(deadline: float | None) -> None:
+    """`deadline` is the message's expiry on the wall clock (sent at + time to live), which
+    assumes the site's clock agrees with the coordinator's (NTP), as Flower's own expiry does."""
+    if deadline is not None and time.time() > deadline:
+        raise RoundExpired("the round's message expired (its time to live ran out); work stopped")
+
+
 def train_epochs(
     model: nn.Module,
     loader: DataLoader,
@@ -39,18 +51,21 @@ def train_epochs(
     proximal_mu: float = 0.0,
     loss_function: LossFunction = F.cross_entropy,
     on_empty_batch: Callable[[], None] | None = None,
+    deadline: float | None = None,
 ) -> LocalResult:
     """SGD over the local data; `num_examples` counts examples processed.
 
     With proximal_mu > 0 the FedProx term keeps weights near the global model, which damps client
     drift on skewed data. DP-SGD passes Opacus' loss (ghost clipping wraps it) and what to do with
-    the empty batches Poisson sampling can draw."""
+    the empty batches Poisson sampling can draw. Past `deadline` (see `stop_if_expired`) the
+    next batch raises RoundExpired instead of computing an update nobody will take."""
     started = time.perf_counter()
     model.to(device).train()
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
     total_loss, correct, seen = 0.0, 0, 0
     for _ in range(epochs):
         for *inputs, labels in loader:
+            stop_if_expired(deadline)
             if len(labels) == 0:  # only Poisson sampling (DP-SGD) draws an empty batch
                 if on_empty_batch:
                     on_empty_batch()
