@@ -33,7 +33,13 @@ from client.private_release import EVALUATION_BATCH_SIZE, evaluate_privately
 from client.private_training import plan_run, train_privately
 from client.secure_aggregation import secure_aggregation
 from client.simulated_faults import simulated_faults
-from client.training import RoundExpired, choose_device, make_optimizer, train_epochs
+from client.training import (
+    RoundExpired,
+    choose_device,
+    make_optimizer,
+    stop_if_expired,
+    train_epochs,
+)
 from common.evaluation import evaluate, make_loader
 from common.model_factory import build_model
 from common.partition import ClientSplit, partition_plan
@@ -94,6 +100,11 @@ def _accepted_split(config: RunConfig, context: Context) -> tuple[SitePolicy, Cl
 def _refusal(msg: Message, name: str, error: Exception) -> Message:
     log.warning("%s refuses: %s", name, error)
     return Message(Error(code=REFUSED, reason=f"{name}: {error}"), reply_to=msg)
+
+
+def _expired(msg: Message, name: str, error: RoundExpired) -> Message:
+    log.warning("%s: %s", name, error)
+    return Message(Error(code=ErrorCode.MESSAGE_UNAVAILABLE, reason=str(error)), reply_to=msg)
 
 
 def _node_name(config: RunConfig, context: Context) -> str:
@@ -176,8 +187,7 @@ def train(msg: Message, context: Context) -> Message:
     except REFUSALS as refusal:
         return _refusal(msg, split.name if split else _node_name(config, context), refusal)
     except RoundExpired as expired:
-        log.warning("%s: %s", split.name if split else _node_name(config, context), expired)
-        return Message(Error(code=ErrorCode.MESSAGE_UNAVAILABLE, reason=str(expired)), reply_to=msg)
+        return _expired(msg, split.name if split else _node_name(config, context), expired)
     content = RecordDict(
         {
             "arrays": ArrayRecord(model.state_dict()),
@@ -231,6 +241,7 @@ def evaluate_global_model(msg: Message, context: Context) -> Message:
     config = cached_run_config(context.run_config)
     split = None
     try:
+        stop_if_expired(_deadline(msg))  # under DP, a late answer would still be charged
         policy, split = _accepted_split(config, context)
         model = _received_model(msg, config)
         if config.dp:
@@ -245,8 +256,7 @@ def evaluate_global_model(msg: Message, context: Context) -> Message:
     except REFUSALS as refusal:
         return _refusal(msg, split.name if split else _node_name(config, context), refusal)
     except RoundExpired as expired:
-        log.warning("%s: %s", split.name if split else _node_name(config, context), expired)
-        return Message(Error(code=ErrorCode.MESSAGE_UNAVAILABLE, reason=str(expired)), reply_to=msg)
+        return _expired(msg, split.name if split else _node_name(config, context), expired)
     content = RecordDict(
         {
             "metrics": MetricRecord({CLIENT_WEIGHT: 1, **metrics}),

@@ -47,27 +47,33 @@ def test_training_stops_at_the_first_batch_past_the_deadline():
     assert 1 <= loader.drawn < 50  # stopped about 0.5 s in, not after all 100 batches
 
 
-def one_stale_train_message(config: RunConfig, sent_seconds_ago: float) -> tuple:
+def one_stale_message(config: RunConfig, sent_seconds_ago: float, kind: str = "train") -> tuple:
     grid = LocalGrid(client_app, config.to_mapping(), {1: {"partition-id": 0}})
     arrays = ArrayRecord(build_model(task_schema(config), config).state_dict())
-    messages = build_strategy(config).configure_train(1, arrays, ConfigRecord(), grid)
-    (message,) = outgoing(messages, arrays, grid, timeout=60)
+    strategy = build_strategy(config)
+    configure = strategy.configure_train if kind == "train" else strategy.configure_evaluate
+    (message,) = outgoing(configure(1, arrays, ConfigRecord(), grid), arrays, grid, timeout=60)
     message.metadata.created_at -= sent_seconds_ago
     return grid, message
 
 
-def test_a_dp_site_does_not_train_or_charge_for_a_round_that_is_already_over(tmp_path):
+def test_a_dp_site_neither_trains_nor_evaluates_nor_charges_once_the_round_is_over(tmp_path):
     config = RunConfig.from_mapping(
         {"num-server-rounds": 1, "local-epochs": 1, "dp": True, "target-epsilon": 3.0,
          "batch-size": 8, "run-dir": str(tmp_path)}
     )  # fmt: skip
-    grid, stale = one_stale_train_message(config, sent_seconds_ago=61)
+    grid, stale = one_stale_message(config, sent_seconds_ago=61)
     (reply,) = grid.send_and_receive([stale])
     assert reply.has_error() and reply.error.code == ErrorCode.MESSAGE_UNAVAILABLE
     assert "time to live ran out" in reply.error.reason
     assert not list((tmp_path / "privacy-ledgers").glob("*.json"))  # nothing charged
 
-    grid, live = one_stale_train_message(config, sent_seconds_ago=0)
+    grid, stale = one_stale_message(config, sent_seconds_ago=61, kind="evaluate")
+    (reply,) = grid.send_and_receive([stale])
+    assert reply.has_error() and reply.error.code == ErrorCode.MESSAGE_UNAVAILABLE
+    assert not list((tmp_path / "privacy-ledgers").glob("*.json"))  # nor for a late evaluation
+
+    grid, live = one_stale_message(config, sent_seconds_ago=0)
     (reply,) = grid.send_and_receive([live])
     assert not reply.has_error(), reply.error.reason
     assert list((tmp_path / "privacy-ledgers").glob("*.json"))  # the live round is charged
@@ -75,6 +81,6 @@ def test_a_dp_site_does_not_train_or_charge_for_a_round_that_is_already_over(tmp
 
 def test_a_site_without_dp_does_not_train_for_a_round_that_is_already_over():
     config = RunConfig.from_mapping({"num-server-rounds": 1, "local-epochs": 1})
-    grid, stale = one_stale_train_message(config, sent_seconds_ago=61)
+    grid, stale = one_stale_message(config, sent_seconds_ago=61)
     (reply,) = grid.send_and_receive([stale])
     assert reply.has_error() and reply.error.code == ErrorCode.MESSAGE_UNAVAILABLE
