@@ -98,9 +98,9 @@ def _connect(address: str) -> None:
             log_to_driver=False,
         )
     except Exception as error:  # version mismatch, a port that is not Ray's, a refused session
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        said = " ".join(str(error).split()) or type(error).__name__  # Ray's is several lines
         raise RayClusterError(
-            f"--ray-address {address}: Ray would not connect ({first}); the cluster must run "
+            f"--ray-address {address}: Ray would not connect ({said[:400]}); the cluster must run "
             f"Ray {ray.__version__}, the version installed here"
         ) from None
 

@@ -9,6 +9,8 @@ within seconds, with nothing started.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -81,4 +83,25 @@ def test_a_simulation_runs_on_both_nodes_of_a_running_cluster_and_leaves_it_runn
     refused = confide("simulate", str(too_big), "--out", str(tmp_path / "refused"))
     assert refused.returncode != 0
     assert "no node of the cluster has cpus-per-client = 4" in refused.stderr
+    assert alive_nodes(address) == 2
+
+    # Another Ray here than on the cluster: the real cluster's version check refuses this process
+    # (its Ray version is patched before the CLI starts; no second Ray is installed to try).
+    other_ray = (
+        "import sys, ray._private.utils as u; real = u.compute_version_info;"
+        "u.compute_version_info = lambda: ('2.0.0', real()[1]);"
+        "from confide.cli import main; sys.argv[0] = 'confide'; main()"
+    )
+    started = time.monotonic()
+    mismatch = subprocess.run(
+        [sys.executable, "-c", other_ray, "simulate", "heart", "--ray-address", address,
+         "--out", str(tmp_path / "mismatch")],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert time.monotonic() - started < 30
+    assert mismatch.returncode != 0
+    lines = mismatch.stderr.strip().splitlines()
+    assert len(lines) == 1 and address in lines[0], mismatch.stderr[-2000:]
+    assert "Version mismatch" in lines[0] and "Ray: 2.0.0" in lines[0]
+    assert not (tmp_path / "mismatch" / "metrics.json").exists()
     assert alive_nodes(address) == 2
