@@ -279,13 +279,14 @@ class RunConfig:
         problems = []
         if not self.dp:
             problems.append(
-                f"{source}: audit-kind 'white-box-gradient' needs dp = true (its canaries enter "
-                "DP-SGD's clipped sum); set dp = true or audit-kind = 'black-box-input'"
+                f"{source}: audit-canaries = {self.audit_canaries} of audit-kind "
+                "'white-box-gradient' need dp = true (they enter DP-SGD's clipped sum); set "
+                "dp = true or audit-kind = 'black-box-input'"
             )
         if self.dp_mode == "ghost":
             problems.append(
-                f"{source}: audit-kind 'white-box-gradient' cannot run with dp-mode 'ghost' "
-                "(Opacus' own optimizer, no canary hook); use dp-mode 'auto'"
+                f"{source}: audit-canaries of audit-kind 'white-box-gradient' cannot run with "
+                "dp-mode 'ghost' (Opacus' own optimizer, no canary hook); use dp-mode 'auto'"
             )
         return problems
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from common import atomic_file
@@ -207,6 +207,7 @@ toml_scalar = st.one_of(
                            st.one_of(toml_scalar, st.none(), st.dictionaries(st.text(), st.integers())),
                            max_size=6)
 )  # fmt: skip
+@example(values={"audit-canaries": 1})  # found by CI: the error named only settings left default
 def test_any_run_config_is_valid_or_a_run_config_error_naming_the_setting(values):
     try:
         config = RunConfig.from_mapping(values)
