@@ -4,31 +4,37 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.deployment_fixtures import assert_nothing_left
+
 CONFIDE = [sys.executable, "-m", "confide"]
 
 
-def confide(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def confide(
+    *args: str, timeout: float = 300, marker: str = "confide-test"
+) -> subprocess.CompletedProcess:
+    """`marker` goes into the environment, which every process it starts (Ray's too) inherits:
+    tests/deployment_fixtures.py `assert_nothing_left` finds them by it, whatever else runs."""
     return subprocess.run(
-        [*CONFIDE, *args], capture_output=True, text=True, timeout=timeout, check=False
-    )
-
-
-def ray_processes() -> int:
-    listing = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    return sum("raylet" in line or "gcs_server" in line for line in listing.splitlines())
+        [*CONFIDE, *args], capture_output=True, text=True, timeout=timeout, check=False,
+        env={**os.environ, "CONFIDE_TEST_MARKER": marker},
+    )  # fmt: skip
 
 
 @pytest.mark.slow
 def test_simulate_heart_trains_and_writes_the_run_directory(tmp_path):
-    ray_before = ray_processes()
-    result = confide("simulate", "heart", "--rounds", "2", "--out", str(tmp_path), "--quiet")
+    marker = f"confide-test-{uuid.uuid4().hex}"
+    result = confide(
+        "simulate", "heart", "--rounds", "2", "--out", str(tmp_path), "--quiet", marker=marker
+    )
     assert result.returncode == 0, result.stderr[-2000:]
 
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -39,7 +45,7 @@ def test_simulate_heart_trains_and_writes_the_run_directory(tmp_path):
     assert len(rounds[-1]["clients"]) == 4
     for name in ("model.safetensors", "accuracy_loss.png", "metrics.csv"):
         assert (tmp_path / name).stat().st_size > 0
-    assert ray_processes() <= ray_before  # nothing left running
+    assert_nothing_left(marker)  # Ray's head, raylet and workers included
 
 
 def write_user_file(path: Path) -> None:
