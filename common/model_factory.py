@@ -14,11 +14,20 @@ from common.schema import Schema
 
 
 def build_model(schema: Schema, config: RunConfig) -> nn.Module:
-    shape = TransformerConfig(
-        width=config.model_width, depth=config.model_depth, heads=config.model_heads
-    )
     if schema.text is not None:
-        return TextTransformer(config.vocab_size, config.max_length, len(schema.classes), shape)
+        return build_text_model(config, len(schema.classes))
     return TabularTransformer(
-        len(schema.numeric), schema.category_sizes(), len(schema.classes), shape
+        len(schema.numeric), schema.category_sizes(), len(schema.classes), _shape(config)
+    )
+
+
+def build_text_model(config: RunConfig, num_classes: int) -> TextTransformer:
+    """The text encoder of `config` with a head of any size: pretraining on a public corpus
+    uses that corpus' classes, the federation its task's."""
+    return TextTransformer(config.vocab_size, config.max_length, num_classes, _shape(config))
+
+
+def _shape(config: RunConfig) -> TransformerConfig:
+    return TransformerConfig(
+        width=config.model_width, depth=config.model_depth, heads=config.model_heads
     )

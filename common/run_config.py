@@ -113,6 +113,7 @@ class RunConfig:
     model_heads: int
     max_length: int
     vocab_size: int
+    init_checkpoint: str
     run_dir: str
     resume: bool
 

@@ -15,6 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.evaluation import evaluate
 from common.model_factory import build_model
+from common.pretrained_checkpoint import initial_state
 from common.run_config import RunConfig
 from common.site_data import EncodedDataset
 from common.tasks import load_central_test, task_schema
@@ -55,7 +56,7 @@ def update_policy(config: RunConfig) -> UpdatePolicy:
 def main(grid: Grid, context: Context) -> None:
     config = RunConfig.from_mapping(context.run_config)
     torch.manual_seed(config.seed)
-    arrays = ArrayRecord(build_model(task_schema(config), config).state_dict())
+    arrays = ArrayRecord(initial_state(task_schema(config), config))
     strategy = build_strategy(config)
     test_set = load_central_test(config)
     recorder = RunRecorder(Path(config.run_dir), config)

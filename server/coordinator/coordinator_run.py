@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.pretrained_checkpoint import InitCheckpointError, checked_init_checkpoint
 from common.run_config import PROJECT_ROOT, RunConfig, RunConfigError
 from common.site_keys import CertificateError
 from server.coordinator import flwr_control
@@ -90,8 +91,8 @@ def run_config_for(request: RunRequest, expected_clients: int) -> RunConfig:
     overrides.setdefault("num-clients", expected_clients)
     overrides["run-dir"] = str(request.out.resolve())
     try:
-        return RunConfig.from_mapping(overrides, source="--set")
-    except RunConfigError as error:
+        return checked_init_checkpoint(RunConfig.from_mapping(overrides, source="--set"))
+    except (RunConfigError, InitCheckpointError) as error:
         raise CoordinatorError(str(error)) from None
 
 
