@@ -41,7 +41,8 @@ from client.training import (
     train_epochs,
 )
 from common.evaluation import evaluate, make_loader
-from common.model_factory import build_model
+from common.federated_model import build_federated_model
+from common.lora import federated_state, load_federated_state
 from common.partition import ClientSplit, partition_plan
 from common.privacy import PrivacyConfigError
 from common.privacy_ledger import BudgetExhausted, LedgerEntry, LedgerError
@@ -62,14 +63,14 @@ app = ClientApp(mods=[simulated_faults, packed_model])
 @lru_cache(maxsize=2)
 def _worker_model(config: RunConfig) -> torch.nn.Module:
     """Built once per process: a simulation worker serves thousands of client-rounds of one model."""
-    return build_model(task_schema(config), config)
+    return build_federated_model(task_schema(config), config)
 
 
 def _received_model(msg: Message, config: RunConfig, fresh: bool = False) -> torch.nn.Module:
     """The received weights in this worker's model; `fresh` for DP-SGD, because Opacus adds its
     hooks to the module it wraps and a reused module would collect them round after round."""
-    model = build_model(task_schema(config), config) if fresh else _worker_model(config)
-    model.load_state_dict(torch_state_dict(msg.content["arrays"]))
+    model = build_federated_model(task_schema(config), config) if fresh else _worker_model(config)
+    load_federated_state(model, torch_state_dict(msg.content["arrays"]))
     return model
 
 
@@ -190,7 +191,7 @@ def train(msg: Message, context: Context) -> Message:
         return _expired(msg, split.name if split else _node_name(config, context), expired)
     content = RecordDict(
         {
-            "arrays": ArrayRecord(model.state_dict()),
+            "arrays": ArrayRecord(federated_state(model)),
             "metrics": MetricRecord({CLIENT_WEIGHT: 1, **metrics}),
             "client": ConfigRecord({"name": split.name}),
         }

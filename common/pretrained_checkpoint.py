@@ -55,11 +55,14 @@ def resolve_checkpoint(value: str) -> Path:
 
 def checked_init_checkpoint(config: RunConfig) -> RunConfig:
     """`config` with its init-checkpoint checked and made absolute, for a run submitted to a
-    coordinator: its ServerApp starts in the coordinator's working directory, not the operator's."""
+    coordinator: its ServerApp starts in the coordinator's working directory, not the operator's.
+    A shipped checkpoint keeps its name: every site has its own copy (LoRA rebuilds the frozen
+    base there), wherever Confide is installed."""
     if not config.init_checkpoint:
         return config
-    absolute = str(resolve_checkpoint(config.init_checkpoint))
-    config = dataclasses.replace(config, init_checkpoint=absolute)
+    path = resolve_checkpoint(config.init_checkpoint)
+    sent = config.init_checkpoint if path.is_relative_to(CHECKPOINT_DIR) else str(path)
+    config = dataclasses.replace(config, init_checkpoint=sent)
     initial_state(task_schema(config), config)
     return config
 

@@ -114,6 +114,9 @@ class RunConfig:
     max_length: int
     vocab_size: int
     init_checkpoint: str
+    lora_rank: int
+    lora_alpha: float
+    lora_targets: str
     run_dir: str
     resume: bool
 
@@ -242,6 +245,8 @@ class RunConfig:
             ),
             ("audit-canaries", self.audit_canaries >= 0, "0 (no audit) or canaries per site"),
             ("audit-kind", self.audit_kind in AUDIT_KINDS, f"one of {', '.join(AUDIT_KINDS)}"),
+            ("lora-rank", self.lora_rank >= 0, "0 (LoRA off) or a rank >= 1"),
+            ("lora-alpha", self.lora_alpha > 0, "a number > 0 (adapters are scaled by alpha/rank)"),
         ]
         problems = [
             f"{source}: '{key}' = {getattr(self, key.replace('-', '_'))!r} is invalid; use {expected}"
@@ -308,6 +313,10 @@ class RunConfig:
         ]
         found = [message for failed, message in problems if failed]
         return [f"{source}: secagg = true cannot run with " + "; ".join(found)] if found else []
+
+    def lora_target_names(self) -> tuple[str, ...]:
+        """`lora-targets` as module names within a block, e.g. ("attn.query", "mlp.fc")."""
+        return tuple(name.strip() for name in self.lora_targets.split(",") if name.strip())
 
     def privacy_budget(self) -> PrivacyBudget:
         """The budget the run asks for: each site plans its releases within it, and its own

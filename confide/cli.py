@@ -10,8 +10,9 @@ from typing import Annotated, Any
 
 import typer
 
+from common.federated_model import initial_federated_state
 from common.partition import PartitionError, partition_plan
-from common.pretrained_checkpoint import InitCheckpointError, initial_state
+from common.pretrained_checkpoint import InitCheckpointError
 from common.privacy import PrivacyConfigError
 from common.privacy_ledger import LedgerError, RunSummary, summarize
 from common.run_config import RunConfigError, parse_override
@@ -122,7 +123,7 @@ def simulate(
         for run in runs:  # data problems surface here, before any process starts
             load_task(run.scenario.config)
             partition_plan(run.scenario.config)
-            initial_state(task_schema(run.scenario.config), run.scenario.config)
+            initial_federated_state(task_schema(run.scenario.config), run.scenario.config)
     except USER_ERRORS as error:
         raise fail(str(error)) from None
     if ray_address is not None:

@@ -14,8 +14,8 @@ from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.evaluation import evaluate
-from common.model_factory import build_model
-from common.pretrained_checkpoint import initial_state
+from common.federated_model import build_federated_model, initial_federated_state
+from common.lora import load_federated_state
 from common.run_config import RunConfig
 from common.site_data import EncodedDataset
 from common.tasks import load_central_test, task_schema
@@ -38,10 +38,10 @@ app = ServerApp()
 
 
 def central_evaluation(config: RunConfig, test_set: EncodedDataset) -> CentralEvaluation:
-    model = build_model(task_schema(config), config)
+    model = build_federated_model(task_schema(config), config)
 
     def evaluate_global(arrays: ArrayRecord) -> dict[str, float]:
-        model.load_state_dict(arrays.to_torch_state_dict())
+        load_federated_state(model, arrays.to_torch_state_dict())
         result = evaluate(model, test_set, batch_size=256, device=torch.device("cpu"))
         return {"accuracy": result.accuracy, "loss": result.loss}
 
@@ -56,7 +56,7 @@ def update_policy(config: RunConfig) -> UpdatePolicy:
 def main(grid: Grid, context: Context) -> None:
     config = RunConfig.from_mapping(context.run_config)
     torch.manual_seed(config.seed)
-    arrays = ArrayRecord(initial_state(task_schema(config), config))
+    arrays = ArrayRecord(initial_federated_state(task_schema(config), config))
     strategy = build_strategy(config)
     test_set = load_central_test(config)
     recorder = RunRecorder(Path(config.run_dir), config)

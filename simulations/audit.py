@@ -31,7 +31,8 @@ from client.canaries import (
 )
 from common.atomic_file import write_json_atomically
 from common.checkpoint import load_weights
-from common.model_factory import build_model
+from common.federated_model import build_federated_model
+from common.lora import load_federated_state
 from common.partition import client_split, partition_plan
 from common.privacy_audit import AuditSettingError, SiteScores, audit_bound, check_confidence
 from common.privacy_ledger import summarize
@@ -92,8 +93,8 @@ def site_scores(config: RunConfig) -> list[SiteScores]:
     names, _ = partition_plan(config)
     model = None
     if config.audit_kind == BLACK_BOX:
-        model = build_model(task_schema(config), config)
-        model.load_state_dict(load_weights(Path(config.run_dir) / "model.safetensors"))
+        model = build_federated_model(task_schema(config), config)
+        load_federated_state(model, load_weights(Path(config.run_dir) / "model.safetensors"))
     found = []
     for partition_id, name in enumerate(names):
         path = audit_file(config, name)

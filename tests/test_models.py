@@ -53,7 +53,8 @@ def text_batch(length: int = 8) -> tuple[Tensor, Tensor]:
 
 
 def assert_per_sample_grads_match_loop(model: nn.Module, inputs: tuple[Tensor, ...]) -> None:
-    """Opacus' per-sample gradients equal a loop of single-example backward passes."""
+    """Opacus' per-sample gradients equal a loop of single-example backward passes, for every
+    trainable parameter; a frozen one gets none."""
     model = model.double()
     inputs = tuple(x.double() if x.is_floating_point() else x for x in inputs)
     labels = torch.arange(BATCH) % 2
@@ -71,6 +72,9 @@ def assert_per_sample_grads_match_loop(model: nn.Module, inputs: tuple[Tensor, .
             looped[name].append(p.grad.clone() if p.grad is not None else torch.zeros_like(p))
 
     for name, p in model.named_parameters():
+        if not p.requires_grad:
+            assert getattr(p, "grad_sample", None) is None, f"frozen {name} has per-sample grads"
+            continue
         assert p.grad_sample is not None, f"Opacus computed no per-sample grad for {name}"
         expected = torch.stack(looped[name])
         error = (p.grad_sample - expected).norm() / expected.norm().clamp(min=1e-12)

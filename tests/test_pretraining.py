@@ -3,6 +3,7 @@ corpus, and a federation whose global model starts from it with its own fresh he
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -182,10 +183,20 @@ def test_an_unknown_corpus_is_refused_naming_the_shipped_ones() -> None:
         load_corpus("wikipedia", 8192, 32)
 
 
-def test_a_coordinator_run_sends_the_checkpoint_as_an_absolute_path(tmp_path: Path) -> None:
+def test_a_coordinator_run_sends_its_own_checkpoint_as_an_absolute_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The ServerApp starts in the coordinator's working directory, not the operator's."""
+    shutil.copy(CHECKPOINT_DIR / SHIPPED, tmp_path / "own.safetensors")
+    monkeypatch.chdir(tmp_path)
+    request = RunRequest(tmp_path, tmp_path / "run", overrides=b77_overrides("own.safetensors"))
+    assert run_config_for(request, 2).init_checkpoint == str(tmp_path / "own.safetensors")
+
+
+def test_a_coordinator_run_sends_a_shipped_checkpoint_by_name(tmp_path: Path) -> None:
+    """Every site has its own copy of a shipped checkpoint, wherever Confide is installed."""
     request = RunRequest(tmp_path, tmp_path / "run", overrides=b77_overrides(SHIPPED))
-    assert run_config_for(request, 2).init_checkpoint == str(CHECKPOINT_DIR / SHIPPED)
+    assert run_config_for(request, 2).init_checkpoint == SHIPPED
 
 
 def test_a_coordinator_run_refuses_a_bad_checkpoint_before_it_is_submitted(tmp_path: Path) -> None:

@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.federated_model import initial_federated_state
 from common.pretrained_checkpoint import InitCheckpointError, checked_init_checkpoint
 from common.run_config import PROJECT_ROOT, RunConfig, RunConfigError
 from common.site_keys import CertificateError
+from common.tasks import task_schema
 from server.coordinator import flwr_control
 from server.coordinator.coordinator import (
     CoordinatorError,
@@ -91,7 +93,10 @@ def run_config_for(request: RunRequest, expected_clients: int) -> RunConfig:
     overrides.setdefault("num-clients", expected_clients)
     overrides["run-dir"] = str(request.out.resolve())
     try:
-        return checked_init_checkpoint(RunConfig.from_mapping(overrides, source="--set"))
+        config = checked_init_checkpoint(RunConfig.from_mapping(overrides, source="--set"))
+        if config.lora_rank:  # adapters the model cannot take are refused before the run starts
+            initial_federated_state(task_schema(config), config)
+        return config
     except (RunConfigError, InitCheckpointError) as error:
         raise CoordinatorError(str(error)) from None
 

@@ -1,0 +1,36 @@
+"""The model a run federates, built alike on the coordinator and on every site.
+
+With LoRA (lora-rank > 0) the frozen base never travels: each side rebuilds it from the same
+init-checkpoint (a site loads the shipped or public file itself) or, without one, from the same
+seeded fresh initialisation, and only adapters and head make up the global model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from common.lora import add_lora, federated_state
+from common.model_factory import build_model
+from common.pretrained_checkpoint import initial_state
+from common.run_config import RunConfig
+from common.schema import Schema
+
+
+def build_federated_model(schema: Schema, config: RunConfig) -> nn.Module:
+    """Without LoRA, the architecture (its weights come from the global model); with LoRA, the
+    base from init-checkpoint or the seed, then adapters, seeded too, so every side agrees."""
+    if not config.lora_rank:
+        return build_model(schema, config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = build_model(schema, config)
+        model.load_state_dict(initial_state(schema, config))
+        return add_lora(model, config)
+
+
+def initial_federated_state(schema: Schema, config: RunConfig) -> dict[str, Tensor]:
+    """The first global model: what travels of the model every side builds."""
+    if not config.lora_rank:
+        return initial_state(schema, config)
+    return federated_state(build_federated_model(schema, config))

@@ -1,0 +1,123 @@
+"""LoRA adapters for the text Transformer, and which of its tensors travel.
+
+Our own module rather than `peft`: Opacus computes exact per-sample gradients for `nn.Linear`
+leaves, so an adapter made of two bias-free Linears (A: in -> r, B: r -> out, B zero so that the
+model starts as its base, scaled by alpha / r) beside the frozen base Linear needs no custom grad
+sampler and keeps rule 1 of common/models.py; `peft` wraps Linears in its own layer classes, which
+Opacus does not know, and would be a new dependency for two matrices per layer.
+
+With adapters, only they and the classification head train; every other tensor is frozen, so the
+federation exchanges only those (`federated_state`) and each side rebuilds the base itself.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from common.models import TextTransformer
+from common.run_config import RunConfig, RunConfigError
+
+HEAD = "head."
+ADAPTERS = ("lora_a", "lora_b")
+
+
+class LoraConfigError(RunConfigError):
+    """LoRA settings the model cannot take; the message names each setting and the fix."""
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + (alpha / r) * B(A(x)), the base frozen."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float) -> None:
+        super().__init__()
+        self.base = base
+        self.lora_a = nn.Linear(base.in_features, rank, bias=False)
+        self.lora_b = nn.Linear(rank, base.out_features, bias=False)
+        nn.init.zeros_(self.lora_b.weight)
+        self.scale = alpha / rank
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x) + self.lora_b(self.lora_a(x)) * self.scale
+
+
+def lora_problems(model: nn.Module, config: RunConfig) -> list[str]:
+    """Every reason `model` cannot take `config`'s adapters, each with its fix."""
+    where = f"run config: 'lora-rank' = {config.lora_rank}"
+    if not isinstance(model, TextTransformer):
+        return [
+            f"{where}: task {config.task!r} is tabular and LoRA adapts the text Transformer; "
+            "set lora-rank = 0 (text tasks only: banking77, medical-text)"
+        ]
+    linears = {
+        name: module
+        for name, module in model.blocks[0].named_modules()
+        if type(module) is nn.Linear
+    }
+    targets = config.lora_target_names()
+    valid = f"use a comma list of {', '.join(linears)}"
+    if not targets:
+        return [f"run config: 'lora-targets' is empty; {valid}"]
+    problems = [
+        f"run config: 'lora-targets' names {name!r}, not a Linear in a block; {valid}"
+        for name in targets
+        if name not in linears
+    ]
+    for name in targets:
+        layer = linears.get(name)
+        if layer is not None and config.lora_rank > min(layer.in_features, layer.out_features):
+            smaller = min(layer.in_features, layer.out_features)
+            problems.append(
+                f"{where} exceeds {name}'s smaller dimension ({layer.in_features} x "
+                f"{layer.out_features}); use a rank from 1 to {smaller}"
+            )
+    return problems
+
+
+def add_lora(model: nn.Module, config: RunConfig) -> nn.Module:
+    """`model` with adapters on every block's targeted Linears, all else frozen but the head."""
+    problems = lora_problems(model, config)
+    if problems:
+        raise LoraConfigError("; ".join(problems))
+    for block in model.blocks:
+        for name in config.lora_target_names():
+            parent_name, _, attribute = name.rpartition(".")
+            parent = block.get_submodule(parent_name)
+            base = getattr(parent, attribute)
+            setattr(parent, attribute, LoRALinear(base, config.lora_rank, config.lora_alpha))
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(_travels(name))
+    return model
+
+
+def uses_lora(model: nn.Module) -> bool:
+    return any(isinstance(module, LoRALinear) for module in model.modules())
+
+
+def federated_state(model: nn.Module) -> dict[str, Tensor]:
+    """The tensors the federation sends, screens, aggregates and checkpoints: with LoRA, the
+    adapters and the head only; without, every tensor (as before LoRA existed)."""
+    state = model.state_dict()
+    if not uses_lora(model):
+        return state
+    return {name: tensor for name, tensor in state.items() if _travels(name)}
+
+
+def load_federated_state(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Load what travelled; with LoRA the frozen base stays as this side built it. Strict either
+    way: a tensor missing or extra is an error, never silently ignored."""
+    if not uses_lora(model):
+        model.load_state_dict(state)
+        return
+    expected = federated_state(model)
+    if set(state) != set(expected):
+        missing = sorted(set(expected) - set(state))[:3]
+        extra = sorted(set(state) - set(expected))[:3]
+        raise RuntimeError(
+            f"received tensors are not this model's adapters and head (missing {missing}, "
+            f"extra {extra})"
+        )
+    model.load_state_dict(state, strict=False)
+
+
+def _travels(name: str) -> bool:
+    return name.startswith(HEAD) or any(f".{adapter}." in name for adapter in ADAPTERS)

@@ -1,0 +1,145 @@
+"""DP-LoRA: adapters and head train under DP-SGD with exact per-sample gradients, only they
+travel, and the frozen base every side rebuilds itself never changes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+
+import client.app as client_app_module
+from common.federated_model import build_federated_model, initial_federated_state
+from common.lora import LoraConfigError, add_lora, federated_state
+from common.model_factory import build_model
+from common.pretrained_checkpoint import initial_state
+from common.run_config import RunConfig, RunConfigError
+from common.tasks import task_schema
+from server.federation import outgoing
+from server.strategy_choice import build_strategy
+from server.update_validation import UpdatePolicy, screen_update
+from tests.local_grid import LocalGrid
+from tests.test_models import assert_per_sample_grads_match_loop, text_batch, text_model
+
+SHIPPED = "clinc150-text.safetensors"  # made for banking77 at model-width 64, max-length 32
+BANKING77 = {"task": "banking77", "max-length": 32, "model-width": 64}
+BANKS = {"partitioner": "dirichlet", "dirichlet-alpha": 1.0, "num-clients": 10}
+PRIVATE_LORA = {
+    **BANKING77,
+    **BANKS,
+    "init-checkpoint": SHIPPED,
+    "lora-rank": 4,
+    "dp": True,
+    "target-epsilon": 8.0,
+    "batch-size": 128,
+    "local-epochs": 1,
+    "num-server-rounds": 1,
+}
+ADAPTED = 6  # attn.query, key, value, proj, mlp.fc, proj: the default lora-targets
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning"),
+    pytest.mark.filterwarnings("ignore:Secure RNG turned off:UserWarning"),
+]
+
+
+def config_of(**settings: object) -> RunConfig:
+    return RunConfig.from_mapping({k.replace("_", "-"): v for k, v in settings.items()})
+
+
+def test_lora_per_sample_grads_match_single_example_loop() -> None:
+    model = add_lora(text_model(), config_of(task="banking77", lora_rank=3))
+    for name, parameter in model.named_parameters():
+        if name.endswith("lora_b.weight"):  # zero at the start: make A's gradients non-trivial
+            torch.nn.init.normal_(parameter, std=0.1)
+    assert_per_sample_grads_match_loop(model, text_batch())
+
+
+def test_only_adapters_and_head_train() -> None:
+    model = add_lora(text_model(), config_of(task="banking77", lora_rank=2))
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(federated_state(model))
+    assert len(trainable) == 2 * ADAPTED * model.config.depth + 2  # A and B per layer, head
+
+
+def test_a_lora_model_starts_as_its_base() -> None:
+    """B starts at zero, so the pretrained encoder is what the first round fine-tunes."""
+    base = text_model()
+    adapted = add_lora(text_model(), config_of(task="banking77", lora_rank=4))
+    inputs = text_batch()
+    torch.testing.assert_close(adapted(*inputs), base(*inputs))
+
+
+def test_every_side_rebuilds_the_same_frozen_base_whatever_its_random_state() -> None:
+    """Without init-checkpoint the base is the seeded fresh initialisation, not the process's."""
+    config = config_of(**BANKING77, lora_rank=4)
+    schema = task_schema(config)
+    torch.manual_seed(1)
+    one = build_federated_model(schema, config).state_dict()
+    torch.manual_seed(2)
+    other = build_federated_model(schema, config).state_dict()
+    assert all(torch.equal(one[name], other[name]) for name in one)
+
+
+def test_lora_off_federates_every_tensor_as_before() -> None:
+    config = config_of(**BANKING77)
+    schema = task_schema(config)
+    torch.manual_seed(0)
+    before = initial_state(schema, config)
+    torch.manual_seed(0)
+    now = initial_federated_state(schema, config)
+    assert list(now) == list(build_model(schema, config).state_dict())
+    assert all(torch.equal(now[name], before[name]) for name in before)
+
+
+def test_a_private_round_sends_only_adapters_and_head_and_leaves_the_base_frozen(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the real ClientApp, packed on the wire, screened as the coordinator screens."""
+    config = RunConfig.from_mapping({**PRIVATE_LORA, "run-dir": str(tmp_path)})
+    schema = task_schema(config)
+    built = []
+
+    def recorded(*args: object) -> torch.nn.Module:
+        built.append(build_federated_model(*args))
+        return built[-1]
+
+    monkeypatch.setattr(client_app_module, "build_federated_model", recorded)
+    grid = LocalGrid(client_app_module.app, config.to_mapping(), {1: {"partition-id": 0}})
+    arrays = ArrayRecord(initial_federated_state(schema, config))
+    messages = build_strategy(config).configure_train(1, arrays, ConfigRecord(), grid)
+    (reply,) = grid.send_and_receive(outgoing(messages, arrays, grid, timeout=60))
+    assert not reply.has_error(), reply.error.reason
+
+    assert screen_update(reply, arrays, UpdatePolicy(0.0, "reject", 10**6)) is None
+    sent = reply.content["arrays"]  # unpacked by the screening, by the global model's layout
+    assert list(sent) == list(arrays)
+    assert len(sent) == 2 * ADAPTED * config.model_depth + 2
+    trained, fresh = built[-1].state_dict(), build_federated_model(schema, config).state_dict()
+    frozen = set(fresh) - set(arrays)
+    assert frozen and all(torch.equal(trained[name], fresh[name]) for name in frozen)
+    moved = [name for name in sent if not np.array_equal(sent[name].numpy(), arrays[name].numpy())]
+    assert set(moved) == set(arrays)  # DP-SGD noise moves every trainable tensor
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"lora-rank": -1}, r"'lora-rank' = -1 is invalid; use 0 \(LoRA off\) or a rank >= 1"),
+        ({"lora-alpha": 0.0}, r"'lora-alpha' = 0.0 is invalid"),
+        ({"lora-rank": 65}, r"'lora-rank' = 65 exceeds attn.query's smaller dimension \(64 x 64\); use a rank from 1 to 64"),
+        ({"lora-rank": 4, "lora-targets": "attn.qkv"}, r"'lora-targets' names 'attn.qkv', not a Linear in a block; use a comma list of attn.query, attn.key"),
+        ({"lora-rank": 4, "lora-targets": " , "}, r"'lora-targets' is empty"),
+        ({"lora-rank": 4, "task": "heart"}, r"task 'heart' is tabular .*; set lora-rank = 0"),
+    ],
+)  # fmt: skip
+def test_bad_lora_settings_are_refused_at_start_naming_the_setting(settings, message) -> None:
+    with pytest.raises(RunConfigError, match=message):
+        config = RunConfig.from_mapping({**BANKING77, **settings})
+        initial_federated_state(task_schema(config), config)
+
+
+def test_every_bad_lora_target_is_listed_at_once() -> None:
+    config = config_of(**BANKING77, lora_rank=65, lora_targets="attn.qkv,mlp.fc")
+    with pytest.raises(LoraConfigError, match=r"'attn.qkv'.*; .*exceeds mlp.fc's"):
+        initial_federated_state(task_schema(config), config)
