@@ -23,9 +23,10 @@ def build_federated_model(schema: Schema, config: RunConfig) -> nn.Module:
     if not config.lora_rank:
         return build_model(schema, config)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
+        torch.manual_seed(config.seed)  # as the ServerApp seeds: round 0 is LoRA-off's model
+        state = initial_state(schema, config)
         model = build_model(schema, config)
-        model.load_state_dict(initial_state(schema, config))
+        model.load_state_dict(state)
         return add_lora(model, config)
 
 

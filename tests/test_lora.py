@@ -3,6 +3,8 @@ travel, and the frozen base every side rebuilds itself never changes."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -14,12 +16,15 @@ from common.lora import LoraConfigError, add_lora, federated_state
 from common.model_factory import build_model
 from common.pretrained_checkpoint import initial_state
 from common.run_config import RunConfig, RunConfigError
-from common.tasks import task_schema
-from server.federation import outgoing
+from common.tasks import load_central_test, task_schema
+from server.app import central_evaluation, update_policy
+from server.federation import outgoing, run_round
+from server.secure_aggregation import SecureAggregation
 from server.strategy_choice import build_strategy
 from server.update_validation import UpdatePolicy, screen_update
 from tests.local_grid import LocalGrid
 from tests.test_models import assert_per_sample_grads_match_loop, text_batch, text_model
+from tests.test_secure_aggregation import WireGrid, coordinator_context
 
 SHIPPED = "clinc150-text.safetensors"  # made for banking77 at model-width 64, max-length 32
 BANKING77 = {"task": "banking77", "max-length": 32, "model-width": 64}
@@ -122,6 +127,20 @@ def test_a_private_round_sends_only_adapters_and_head_and_leaves_the_base_frozen
     assert set(moved) == set(arrays)  # DP-SGD noise moves every trainable tensor
 
 
+def test_the_coordinator_evaluates_adapters_and_head_on_the_base_it_rebuilt() -> None:
+    """Round 0 with LoRA is the model LoRA off starts from: B is zero, the head seeded alike."""
+    config = config_of(**BANKING77, init_checkpoint=SHIPPED, lora_rank=4)
+    schema, test_set = task_schema(config), load_central_test(config)
+    adapted = central_evaluation(config, test_set)(
+        ArrayRecord(initial_federated_state(schema, config))
+    )
+    plain_config = dataclasses.replace(config, lora_rank=0)
+    torch.manual_seed(config.seed)  # as the ServerApp seeds before its initial model
+    plain_state = ArrayRecord(initial_state(schema, plain_config))
+    plain = central_evaluation(plain_config, test_set)(plain_state)
+    assert adapted == pytest.approx(plain)
+
+
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
@@ -143,3 +162,17 @@ def test_every_bad_lora_target_is_listed_at_once() -> None:
     config = config_of(**BANKING77, lora_rank=65, lora_targets="attn.qkv,mlp.fc")
     with pytest.raises(LoraConfigError, match=r"'attn.qkv'.*; .*exceeds mlp.fc's"):
         initial_federated_state(task_schema(config), config)
+
+
+def test_secure_aggregation_masks_and_sums_only_adapters_and_head(tmp_path) -> None:
+    config = RunConfig.from_mapping({**PRIVATE_LORA, "secagg": True, "run-dir": str(tmp_path)})
+    banks = {10 + i: {"partition-id": i} for i in range(3)}
+    grid = WireGrid(client_app_module.app, config.to_mapping(), banks)
+    arrays = ArrayRecord(initial_federated_state(task_schema(config), config))
+    secure = SecureAggregation(grid, coordinator_context(config), config)
+    summed, record = run_round(
+        grid, build_strategy(config), arrays, 1, timeout=60, policy=update_policy(config),
+        secure=secure,
+    )  # fmt: skip
+    assert len(record.clients) == 3 and not record.failures
+    assert list(summed) == list(arrays)
