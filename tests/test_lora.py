@@ -18,6 +18,8 @@ from common.pretrained_checkpoint import initial_state
 from common.run_config import RunConfig, RunConfigError
 from common.tasks import load_central_test, task_schema
 from server.app import central_evaluation, update_policy
+from server.coordinator.coordinator import CoordinatorError
+from server.coordinator.coordinator_run import RunRequest, run_config_for
 from server.federation import outgoing, run_round
 from server.secure_aggregation import SecureAggregation
 from server.strategy_choice import build_strategy
@@ -176,3 +178,9 @@ def test_secure_aggregation_masks_and_sums_only_adapters_and_head(tmp_path) -> N
     )  # fmt: skip
     assert len(record.clients) == 3 and not record.failures
     assert list(summed) == list(arrays)
+
+
+def test_a_coordinator_run_refuses_bad_lora_settings_before_it_is_submitted(tmp_path) -> None:
+    request = RunRequest(tmp_path, tmp_path / "run", overrides={**BANKING77, "lora-rank": 65})
+    with pytest.raises(CoordinatorError, match=r"'lora-rank' = 65 exceeds attn\.query's"):
+        run_config_for(request, 2)

@@ -101,6 +101,10 @@ def test_simulate_on_a_users_own_file_and_schema(tmp_path):
         (["simulate", "heart", "--partition", "zigzag"], "use iid, dirichlet:ALPHA"),
         (["simulate", "heart", "--set", "seed=[]"], "'seed' = [] sweeps over nothing"),
         (["simulate", "heart", "--set", "dropout-fraction=1.5"], "a number in [0, 1]"),
+        (
+            ["simulate", "banking77-private", "--set", "lora-targets=attn.qkv"],
+            "'lora-targets' names 'attn.qkv', not a Linear in a block",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_line_before_anything_starts(args, message):
