@@ -273,6 +273,12 @@ class RunConfig:
                 problems.append(str(error))
         if self.audit_canaries and self.audit_kind == AUDIT_KINDS[0]:
             problems += self._gradient_canary_problems(source)
+        if self.lora_rank and self.dp_token_embedding == "trained":
+            problems.append(
+                f"{source}: dp-token-embedding 'trained' with lora-rank = {self.lora_rank}: LoRA "
+                "freezes every tensor but its adapters and the head; set dp-token-embedding = "
+                "'frozen' or lora-rank = 0"
+            )
         if self.task == "custom" and not (self.data_file and self.schema_file):
             problems.append(
                 f"{source}: task 'custom' needs 'data-file' and 'schema-file' "

@@ -151,6 +151,7 @@ def test_the_coordinator_evaluates_adapters_and_head_on_the_base_it_rebuilt() ->
         ({"lora-rank": 65}, r"'lora-rank' = 65 exceeds attn.query's smaller dimension \(64 x 64\); use a rank from 1 to 64"),
         ({"lora-rank": 4, "lora-targets": "attn.qkv"}, r"'lora-targets' names 'attn.qkv', not a Linear in a block; use a comma list of attn.query, attn.key"),
         ({"lora-rank": 4, "lora-targets": " , "}, r"'lora-targets' is empty"),
+        ({"lora-rank": 4, "dp-token-embedding": "trained"}, r"LoRA freezes every tensor but its adapters and the head; set dp-token-embedding = 'frozen'"),
         ({"lora-rank": 4, "task": "heart"}, r"task 'heart' is tabular .*; set lora-rank = 0"),
     ],
 )  # fmt: skip
