@@ -4,7 +4,8 @@ from it (`init-checkpoint`).
 The file is safetensors (no pickle, so loading one runs no code) whose metadata names the
 architecture settings it fits and the corpus it learned from. A run whose settings differ is
 refused at start naming each setting, instead of failing on a tensor shape mid-round; the check
-runs on the coordinator only, before any site trains or charges its ledger.
+runs on the coordinator before any site trains or charges its ledger (with LoRA each site loads
+the file too, to rebuild the frozen base: common/federated_model.py).
 """
 
 from __future__ import annotations
