@@ -44,6 +44,7 @@ from common.evaluation import evaluate, make_loader
 from common.federated_model import build_federated_model
 from common.lora import federated_state, load_federated_state
 from common.partition import ClientSplit, partition_plan
+from common.pretrained_checkpoint import InitCheckpointError
 from common.privacy import PrivacyConfigError
 from common.privacy_ledger import BudgetExhausted, LedgerEntry, LedgerError
 from common.received_weights import torch_state_dict
@@ -52,7 +53,14 @@ from common.site_policy import REFUSED, PolicyError, PolicyRefusal, SitePolicy, 
 from common.tasks import task_schema
 
 CLIENT_WEIGHT = "client-weight"  # uniform weight, for coordinators that average clients equally
-REFUSALS = (BudgetExhausted, LedgerError, PrivacyConfigError, PolicyError, PolicyRefusal)
+REFUSALS = (
+    BudgetExhausted,
+    LedgerError,
+    PrivacyConfigError,
+    PolicyError,
+    PolicyRefusal,
+    InitCheckpointError,  # with LoRA, a base the site does not ship
+)
 
 log = logging.getLogger(__name__)
 # simulated_faults: dropouts/stragglers in simulation, when configured; packed_model: one array

@@ -12,7 +12,7 @@ from functools import lru_cache
 from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
-from common.federated_model import initial_federated_state
+from common.federated_model import federated_layout
 from common.packed_arrays import Slot, is_packed, layout_of, pack, unpack
 from common.run_config import RunConfig, cached_run_config
 from common.tasks import task_schema
@@ -20,7 +20,7 @@ from common.tasks import task_schema
 
 @lru_cache(maxsize=2)
 def model_layout(config: RunConfig) -> tuple[Slot, ...]:
-    return layout_of(ArrayRecord(initial_federated_state(task_schema(config), config)))
+    return layout_of(ArrayRecord(federated_layout(task_schema(config), config)))
 
 
 def packed_model(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from common.lora import add_lora, federated_state
 from common.model_factory import build_model
-from common.pretrained_checkpoint import initial_state
+from common.pretrained_checkpoint import initial_state, require_shipped
 from common.run_config import RunConfig
 from common.schema import Schema
 
@@ -22,6 +22,8 @@ def build_federated_model(schema: Schema, config: RunConfig) -> nn.Module:
     base from init-checkpoint or the seed, then adapters, seeded too, so every side agrees."""
     if not config.lora_rank:
         return build_model(schema, config)
+    if config.init_checkpoint:
+        require_shipped(config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)  # as the ServerApp seeds: round 0 is LoRA-off's model
         state = initial_state(schema, config)
@@ -35,3 +37,10 @@ def initial_federated_state(schema: Schema, config: RunConfig) -> dict[str, Tens
     if not config.lora_rank:
         return initial_state(schema, config)
     return federated_state(build_federated_model(schema, config))
+
+
+def federated_layout(schema: Schema, config: RunConfig) -> dict[str, Tensor]:
+    """What travels, for its names, shapes and dtypes only: built without reading any checkpoint,
+    so a site unpacks a message before its policy and checks have looked at the run's settings."""
+    model = build_model(schema, config)
+    return federated_state(add_lora(model, config) if config.lora_rank else model)

@@ -54,6 +54,20 @@ def resolve_checkpoint(value: str) -> Path:
     return CHECKPOINT_DIR / path
 
 
+def require_shipped(config: RunConfig) -> None:
+    """With LoRA each site rebuilds the frozen base from its own copy of the checkpoint, so the
+    run may name only one shipped with Confide: a coordinator can neither point a site at another
+    file on its disk nor learn from the site's error which files exist there."""
+    name = config.init_checkpoint
+    if Path(name).name != name or not (CHECKPOINT_DIR / name).is_file():
+        shipped = ", ".join(sorted(path.name for path in CHECKPOINT_DIR.glob("*.safetensors")))
+        raise InitCheckpointError(
+            f"init-checkpoint {name!r}: with lora-rank > 0 it must name a checkpoint shipped in "
+            f"{CHECKPOINT_DIR} (each site loads its own copy): {shipped}; to start from "
+            "another, install it there on the coordinator and on every site"
+        )
+
+
 def checked_init_checkpoint(config: RunConfig) -> RunConfig:
     """`config` with its init-checkpoint checked and made absolute, for a run submitted to a
     coordinator: its ServerApp starts in the coordinator's working directory, not the operator's.

@@ -14,8 +14,9 @@ import client.app as client_app_module
 from common.federated_model import build_federated_model, initial_federated_state
 from common.lora import LoraConfigError, add_lora, federated_state
 from common.model_factory import build_model
-from common.pretrained_checkpoint import initial_state
+from common.pretrained_checkpoint import CHECKPOINT_DIR, initial_state
 from common.run_config import RunConfig, RunConfigError
+from common.site_policy import REFUSED
 from common.tasks import load_central_test, task_schema
 from server.app import central_evaluation, update_policy
 from server.coordinator.coordinator import CoordinatorError
@@ -42,6 +43,7 @@ PRIVATE_LORA = {
     "local-epochs": 1,
     "num-server-rounds": 1,
 }
+BASE_CONFIG = RunConfig.from_mapping(PRIVATE_LORA)  # the honest run's adapters, as sent
 ADAPTED = 6  # attn.query, key, value, proj, mlp.fc, proj: the default lora-targets
 
 pytestmark = [
@@ -185,3 +187,21 @@ def test_a_coordinator_run_refuses_bad_lora_settings_before_it_is_submitted(tmp_
     request = RunRequest(tmp_path, tmp_path / "run", overrides={**BANKING77, "lora-rank": 65})
     with pytest.raises(CoordinatorError, match=r"'lora-rank' = 65 exceeds attn\.query's"):
         run_config_for(request, 2)
+
+
+def test_a_site_refuses_a_lora_base_that_is_not_shipped(tmp_path) -> None:
+    """A coordinator naming any other file (here a copy of the shipped one) gets a refusal that
+    says nothing of the site's disk, and the site charges nothing."""
+    copy = tmp_path / "elsewhere.safetensors"
+    copy.write_bytes((CHECKPOINT_DIR / SHIPPED).read_bytes())
+    for named in (str(copy), f"../checkpoints/{SHIPPED}", "missing.safetensors"):
+        config = RunConfig.from_mapping(
+            {**PRIVATE_LORA, "init-checkpoint": named, "run-dir": str(tmp_path)}
+        )
+        grid = LocalGrid(client_app_module.app, config.to_mapping(), {1: {"partition-id": 0}})
+        arrays = ArrayRecord(initial_federated_state(task_schema(BASE_CONFIG), BASE_CONFIG))
+        messages = build_strategy(config).configure_train(1, arrays, ConfigRecord(), grid)
+        (reply,) = grid.send_and_receive(outgoing(messages, arrays, grid, timeout=60))
+        assert reply.has_error() and reply.error.code == REFUSED, reply.error.reason
+        assert f"must name a checkpoint shipped in {CHECKPOINT_DIR}" in reply.error.reason
+        assert not list((tmp_path / "privacy-ledgers").glob("*.json"))
