@@ -10,6 +10,7 @@ a shared machine falls on all of them alike; the median over repeats of each rep
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import statistics
 import time
@@ -83,6 +84,9 @@ def median_ms(step: Step) -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=REPEATS, help="timed repeats per step")
+    repeats = parser.parse_args().repeats
     torch.manual_seed(0)
     torch.set_num_threads(1)
     full = RunConfig.from_mapping(SCENARIO)
@@ -93,7 +97,7 @@ def main() -> None:
         f"DP-LoRA rank {RANK} (ew)": lambda: training_step(lora, private=True),
     }
     runs: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(REPEATS):
+    for _ in range(repeats):
         for name, make in steps.items():
             runs[name].append(median_ms(make()))
     full_bytes, lora_bytes = reply_bytes(full), reply_bytes(lora)
