@@ -16,7 +16,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import Code, FitRes, Status, bytes_to_ndarray, ndarrays_to_parameters
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 
-from common.federated_model import initial_federated_state
+from common.federated_model import federated_layout
 from common.run_config import RunConfig, cached_run_config
 from common.tasks import task_schema
 
@@ -47,7 +47,7 @@ def secure_aggregation(msg: Message, context: Context, call_next: ClientAppCalla
 @lru_cache(maxsize=2)
 def _parameter_names(config: RunConfig) -> tuple[str, ...]:
     """Built once per process, not once per secure round: only the names are wanted."""
-    return tuple(initial_federated_state(task_schema(config), config))
+    return tuple(federated_layout(task_schema(config), config))
 
 
 def _as_train_content(legacy: RecordDict, config: RunConfig) -> RecordDict:

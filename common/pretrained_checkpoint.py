@@ -21,7 +21,7 @@ from common.checkpoint import save_weights
 from common.model_factory import build_model
 from common.run_config import RunConfig
 from common.schema import Schema
-from common.tasks import DATA_DIR, task_schema
+from common.tasks import DATA_DIR
 
 FORMAT = "confide-pretrained-text/1"
 ARCHITECTURE = ("vocab-size", "max-length", "model-width", "model-depth", "model-heads")
@@ -68,18 +68,16 @@ def require_shipped(config: RunConfig) -> None:
         )
 
 
-def checked_init_checkpoint(config: RunConfig) -> RunConfig:
-    """`config` with its init-checkpoint checked and made absolute, for a run submitted to a
-    coordinator: its ServerApp starts in the coordinator's working directory, not the operator's.
-    A shipped checkpoint keeps its name: every site has its own copy (LoRA rebuilds the frozen
-    base there), wherever Confide is installed."""
+def init_checkpoint_as_sent(config: RunConfig) -> RunConfig:
+    """`config` with its init-checkpoint made absolute, for a run submitted to a coordinator: its
+    ServerApp starts in the coordinator's working directory, not the operator's. A shipped
+    checkpoint keeps its name: every site has its own copy (LoRA rebuilds the frozen base there),
+    wherever Confide is installed. The file itself is checked where the model is built."""
     if not config.init_checkpoint:
         return config
     path = resolve_checkpoint(config.init_checkpoint)
     sent = config.init_checkpoint if path.is_relative_to(CHECKPOINT_DIR) else str(path)
-    config = dataclasses.replace(config, init_checkpoint=sent)
-    initial_state(task_schema(config), config)
-    return config
+    return dataclasses.replace(config, init_checkpoint=sent)
 
 
 def initial_state(schema: Schema, config: RunConfig) -> dict[str, Tensor]:

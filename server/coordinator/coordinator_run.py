@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from common.federated_model import initial_federated_state
-from common.pretrained_checkpoint import InitCheckpointError, checked_init_checkpoint
+from common.pretrained_checkpoint import InitCheckpointError, init_checkpoint_as_sent
 from common.run_config import PROJECT_ROOT, RunConfig, RunConfigError
 from common.site_keys import CertificateError
 from common.tasks import task_schema
@@ -93,8 +93,8 @@ def run_config_for(request: RunRequest, expected_clients: int) -> RunConfig:
     overrides.setdefault("num-clients", expected_clients)
     overrides["run-dir"] = str(request.out.resolve())
     try:
-        config = checked_init_checkpoint(RunConfig.from_mapping(overrides, source="--set"))
-        if config.lora_rank:  # adapters the model cannot take are refused before the run starts
+        config = init_checkpoint_as_sent(RunConfig.from_mapping(overrides, source="--set"))
+        if config.init_checkpoint or config.lora_rank:  # checked once, as the ServerApp builds it
             initial_federated_state(task_schema(config), config)
         return config
     except (RunConfigError, InitCheckpointError) as error:
