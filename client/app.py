@@ -42,6 +42,7 @@ from client.training import (
 )
 from common.evaluation import evaluate, make_loader
 from common.federated_model import build_federated_model
+from common.hf_model import HFModelError
 from common.lora import federated_state, load_federated_state
 from common.partition import ClientSplit, partition_plan
 from common.pretrained_checkpoint import InitCheckpointError
@@ -60,6 +61,7 @@ REFUSALS = (
     PolicyError,
     PolicyRefusal,
     InitCheckpointError,  # with LoRA, a base the site does not ship
+    HFModelError,  # a Hugging Face model the site has not installed, or another copy of it
 )
 
 log = logging.getLogger(__name__)
@@ -120,8 +122,12 @@ def _node_name(config: RunConfig, context: Context) -> str:
     """A name for a refusal sent before the site's records (and so its split) are at hand."""
     if DATA_PATH_KEY in context.node_config:
         return site_name(context.node_config)
-    names, _ = partition_plan(config)
-    return names[int(context.node_config["partition-id"])]
+    partition = int(context.node_config["partition-id"])
+    try:
+        names, _ = partition_plan(config)
+    except HFModelError:  # the simulated task cannot even be tokenized: no names to give
+        return f"partition {partition}"
+    return names[partition]
 
 
 def _train_plain(

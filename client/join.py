@@ -40,6 +40,7 @@ from common.atomic_file import write_atomically
 from common.certificates.checking import is_ca_certificate, verify_server_certificate
 from common.file_reading import read_named_file
 from common.flower_args import FlowerArgumentError, key_values
+from common.hf_model import hf_text_encoder
 from common.partition import site_split
 from common.processes import (
     ManagedProcess,
@@ -158,7 +159,7 @@ def check_data(settings: JoinSettings) -> int:
         raise JoinError(str(error)) from None
     dataset = load_site_data(
         settings.data, task_schema(config), vocab_size=config.vocab_size,
-        max_length=config.max_length,
+        max_length=config.max_length, text_encoder=hf_text_encoder(config.model, config.max_length),
     )  # fmt: skip
     split = site_split(config, dataset, settings.name)
     try:

@@ -9,6 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from client.private_training import SitePrivacy, site_budget
+from common.hf_model import hf_text_encoder
 from common.partition import ClientSplit, client_split, site_split
 from common.privacy_ledger import PrivacyLedger
 from common.run_config import RunConfig
@@ -39,7 +40,11 @@ def load_local_split(config: RunConfig, node_config: Mapping[str, object]) -> Cl
 @lru_cache(maxsize=2)
 def _load_site_file(config: RunConfig, path: Path) -> EncodedDataset:
     return load_site_data(
-        path, task_schema(config), vocab_size=config.vocab_size, max_length=config.max_length
+        path,
+        task_schema(config),
+        vocab_size=config.vocab_size,
+        max_length=config.max_length,
+        text_encoder=hf_text_encoder(config.model, config.max_length),
     )
 
 

@@ -13,6 +13,7 @@ from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
 from common.federated_model import federated_layout
+from common.hf_model import HFModelError
 from common.packed_arrays import Slot, is_packed, layout_of, pack, unpack
 from common.run_config import RunConfig, cached_run_config
 from common.tasks import task_schema
@@ -27,7 +28,10 @@ def packed_model(msg: Message, context: Context, call_next: ClientAppCallable) -
     records = msg.content.array_records if msg.has_content() else {}
     packed_keys = [key for key, record in records.items() if is_packed(record)]
     if packed_keys:
-        layout = model_layout(cached_run_config(context.run_config))
+        try:
+            layout = model_layout(cached_run_config(context.run_config))
+        except HFModelError:  # the site lacks the run's model: the app refuses, saying why
+            return call_next(msg, context)
         for key in packed_keys:
             msg.content[key] = unpack(records[key], layout)
     reply = call_next(msg, context)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from common.hf_model import build_hf_classifier, hf_model_name
 from common.lora import add_lora, federated_state
 from common.model_factory import build_model
 from common.pretrained_checkpoint import initial_state, require_shipped
@@ -26,6 +27,8 @@ def build_federated_model(schema: Schema, config: RunConfig) -> nn.Module:
         require_shipped(config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)  # as the ServerApp seeds: round 0 is LoRA-off's model
+        if hf_model_name(config) is not None:  # the base from this side's own installed copy
+            return add_lora(build_hf_classifier(schema, config, pretrained=True), config)
         state = initial_state(schema, config)
         model = build_model(schema, config)
         model.load_state_dict(state)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from common.hf_model import HFTextClassifier
 from common.models import TextTransformer
 from common.run_config import RunConfig, RunConfigError
 
@@ -43,7 +44,7 @@ class LoRALinear(nn.Module):
 def lora_problems(model: nn.Module, config: RunConfig) -> list[str]:
     """Every reason `model` cannot take `config`'s adapters, each with its fix."""
     where = f"run config: 'lora-rank' = {config.lora_rank}"
-    if not isinstance(model, TextTransformer):
+    if not isinstance(model, (TextTransformer, HFTextClassifier)):
         return [
             f"{where}: task {config.task!r} is tabular and LoRA adapts the text Transformer; "
             "set lora-rank = 0 (text tasks only: banking77, medical-text)"

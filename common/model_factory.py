@@ -8,12 +8,17 @@ from __future__ import annotations
 
 from torch import nn
 
+from common.hf_model import build_hf_classifier, hf_model_name
 from common.models import TabularTransformer, TextTransformer, TransformerConfig
 from common.run_config import RunConfig
 from common.schema import Schema
 
 
 def build_model(schema: Schema, config: RunConfig) -> nn.Module:
+    """The architecture, freshly initialised; a Hugging Face model's own weights are loaded
+    only where the frozen base is built (common/federated_model.py)."""
+    if hf_model_name(config) is not None:
+        return build_hf_classifier(schema, config, pretrained=False)
     if schema.text is not None:
         return build_text_model(config, len(schema.classes))
     return TabularTransformer(

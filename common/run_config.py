@@ -114,6 +114,7 @@ class RunConfig:
     max_length: int
     vocab_size: int
     init_checkpoint: str
+    model: str
     lora_rank: int
     lora_alpha: float
     lora_targets: str
@@ -246,6 +247,11 @@ class RunConfig:
             ("audit-canaries", self.audit_canaries >= 0, "0 (no audit) or canaries per site"),
             ("audit-kind", self.audit_kind in AUDIT_KINDS, f"one of {', '.join(AUDIT_KINDS)}"),
             ("lora-rank", self.lora_rank >= 0, "0 (LoRA off) or a rank >= 1"),
+            (
+                "model",
+                self.model == "builtin" or self.model.startswith("hf:"),
+                "'builtin' or 'hf:NAME' (a Hugging Face checkpoint installed on every side)",
+            ),
             ("lora-alpha", self.lora_alpha > 0, "a number > 0 (adapters are scaled by alpha/rank)"),
         ]
         problems = [
@@ -278,6 +284,11 @@ class RunConfig:
                 f"{source}: dp-token-embedding 'trained' with lora-rank = {self.lora_rank}: LoRA "
                 "freezes every tensor but its adapters and the head; set dp-token-embedding = "
                 "'frozen' or lora-rank = 0"
+            )
+        if self.model.startswith("hf:") and (not self.lora_rank or self.init_checkpoint):
+            problems.append(
+                f"{source}: model {self.model!r} trains LoRA adapters on its own frozen weights: "
+                'set lora-rank >= 1 and init-checkpoint = ""'
             )
         if self.task == "custom" and not (self.data_file and self.schema_file):
             problems.append(

@@ -15,7 +15,7 @@ import json
 import math
 import zlib
 from collections import Counter
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,9 @@ in a large file cannot push every other problem out of the message."""
 
 _DELIMITERS = (",", ";", "\t")
 _DELIMITER_NAMES = {",": "','", ";": "';'", "\t": "tab"}
+
+
+TextEncoder = Callable[[list[str]], tuple[np.ndarray, np.ndarray]]  # texts -> ids, mask
 
 
 class DataFileError(ValueError):
@@ -364,6 +367,7 @@ def encode_rows(
     max_length: int = 64,
     ignore: Collection[str] = (),
     row_numbers: Sequence[int] | None = None,
+    text_encoder: TextEncoder | None = None,
 ) -> EncodedDataset:
     """Check every row and column against ``schema`` and encode; one error lists all problems.
 
@@ -371,6 +375,7 @@ def encode_rows(
     because silently dropping them would hide a file that does not match what the
     federation agreed on. Values a categorical feature does not list encode as 0.
     ``row_numbers`` are the rows' numbers for messages (default: header is row 1).
+    ``text_encoder`` replaces the hashing tokenizer (a Hugging Face model's own: common/hf_model.py).
     """
     problems = _Problems(source)
     count = len(rows)
@@ -476,7 +481,10 @@ def encode_rows(
     tabular = (numeric, categorical)
     if schema.text is None:
         return EncodedDataset(tabular, labels)
-    ids, mask = encode_texts(texts, vocab_size=vocab_size, max_length=max_length)
+    if text_encoder is None:
+        ids, mask = encode_texts(texts, vocab_size=vocab_size, max_length=max_length)
+    else:
+        ids, mask = text_encoder(texts)
     extra = tabular if schema.numeric or schema.categorical else ()
     return EncodedDataset((ids, mask, *extra), labels)
 

@@ -17,6 +17,7 @@ from urllib.request import url2pathname
 
 import numpy as np
 
+from common.hf_model import hf_text_encoder
 from common.run_config import PROJECT_ROOT, RunConfig
 from common.schema import Schema, load_schema
 from common.site_data import EncodedDataset, encode_rows, read_table
@@ -130,6 +131,7 @@ def load_task(config: RunConfig) -> TaskData:
         split_column,
         config.vocab_size,
         config.max_length,
+        config.model,
     )
 
 
@@ -141,8 +143,13 @@ def _load_task(
     split_column: str,
     vocab_size: int,
     max_length: int,
+    model: str,
 ) -> TaskData:
-    encoding = {"vocab_size": vocab_size, "max_length": max_length}
+    encoding = {
+        "vocab_size": vocab_size,
+        "max_length": max_length,
+        "text_encoder": hf_text_encoder(model, max_length),
+    }
     schema = load_schema(_schema_path(task, schema_file))
     if task == "heart":
         rows = load_heart_rows()
@@ -179,4 +186,5 @@ def load_central_test(config: RunConfig) -> EncodedDataset | None:
         path.name,
         vocab_size=config.vocab_size,
         max_length=config.max_length,
+        text_encoder=hf_text_encoder(config.model, config.max_length),
     )

@@ -24,6 +24,7 @@ from common.run_config import PROJECT_ROOT
 
 PACKAGE = ("common", "client", "server", "simulations", "confide")  # what the wheel ships
 TOOLING = ("bench", "tests")  # may also use the optional extras (dev)
+OPTIONAL = {"transformers": "hf"}  # the package may import these lazily, from their extra
 LOCK_FILE = PROJECT_ROOT / "requirements.lock"
 
 
@@ -53,8 +54,12 @@ def first_party() -> set[str]:
 
 def imported_modules(path: Path) -> set[str]:
     """Top-level names of every absolute import, lazy ones inside functions included."""
+    return imported_modules_of(ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))))
+
+
+def imported_modules_of(nodes: Iterable[ast.AST]) -> set[str]:
     names = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+    for node in nodes:
         if isinstance(node, ast.Import):
             names |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -62,8 +67,27 @@ def imported_modules(path: Path) -> set[str]:
     return names
 
 
+def eager_imports(path: Path) -> set[str]:
+    """Top-level names imported when the module loads: not inside functions, nor in
+    `if TYPE_CHECKING:` blocks."""
+    loads = []
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            return
+        if isinstance(node, ast.If) and ast.unparse(node.test).endswith("TYPE_CHECKING"):
+            return
+        loads.append(node)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text(encoding="utf-8"), filename=str(path)))
+    return imported_modules_of(loads)
+
+
 def undeclared_imports(folders: Iterable[str], include_extras: bool) -> list[str]:
     declared = {canonicalize_name(r.name) for r in requirements(include_extras)}
+    declared |= {canonicalize_name(module) for module in OPTIONAL}  # checked by eagerly_optional
     distributions = importlib.metadata.packages_distributions()
     local = first_party()
     problems = []
@@ -93,6 +117,19 @@ def test_every_third_party_module_the_package_imports_is_a_declared_dependency()
     assert undeclared_imports(PACKAGE, include_extras=False) == []
 
 
+def test_optional_modules_are_imported_lazily_and_declared_by_their_extra() -> None:
+    """A site without the extra imports every module; only a run that needs it asks for it."""
+    extras = manifest()["project"]["optional-dependencies"]
+    for module, extra in OPTIONAL.items():
+        assert any(canonicalize_name(Requirement(line).name) == module for line in extras[extra])
+    eager = [
+        f"{path.relative_to(PROJECT_ROOT)} imports {module} when it loads"
+        for path in python_files(PACKAGE)
+        for module in eager_imports(path) & set(OPTIONAL)
+    ]
+    assert eager == []
+
+
 def test_every_third_party_module_bench_and_tests_import_is_declared_or_in_an_extra() -> None:
     assert undeclared_imports(TOOLING, include_extras=True) == []
 
@@ -101,6 +138,11 @@ def test_the_import_walk_sees_lazy_imports_and_skips_relative_ones(tmp_path: Pat
     module = tmp_path / "launcher.py"
     module.write_text("from . import sibling\n\ndef run():\n    import uvicorn.config\n")
     assert imported_modules(module) == {"uvicorn"}
+    assert eager_imports(module) == set()
+    module.write_text(
+        "if TYPE_CHECKING:\n    import torch\ntry:\n    import transformers\nexcept ImportError:\n    pass\n"
+    )
+    assert eager_imports(module) == {"transformers"}
 
 
 @pytest.mark.parametrize("requirement", requirements(include_extras=True), ids=str)

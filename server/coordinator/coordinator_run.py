@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from common.federated_model import initial_federated_state
+from common.hf_model import HFModelError, pin_hf_model
 from common.pretrained_checkpoint import InitCheckpointError, init_checkpoint_as_sent
 from common.run_config import PROJECT_ROOT, RunConfig, RunConfigError
 from common.site_keys import CertificateError
@@ -94,10 +95,11 @@ def run_config_for(request: RunRequest, expected_clients: int) -> RunConfig:
     overrides["run-dir"] = str(request.out.resolve())
     try:
         config = init_checkpoint_as_sent(RunConfig.from_mapping(overrides, source="--set"))
+        config = pin_hf_model(config)  # every site must hold the coordinator's copy
         if config.init_checkpoint or config.lora_rank:  # checked once, as the ServerApp builds it
             initial_federated_state(task_schema(config), config)
         return config
-    except (RunConfigError, InitCheckpointError) as error:
+    except (RunConfigError, InitCheckpointError, HFModelError) as error:
         raise CoordinatorError(str(error)) from None
 
 
