@@ -2,7 +2,7 @@
 white-box and black-box, the audit's wall time, and what the canaries cost the model's accuracy.
 
 Each setting runs the real `confide audit` (Flower's simulation engine) `--repeats` times and
-reports medians; results land in bench/results/audit.json.
+reports medians and every run; results land in bench/results/audit.json (or --out).
 
     .venv/bin/python -m bench.audit --repeats 5
 """
@@ -19,6 +19,10 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+RUN_KEYS = (
+    "epsilon_lower_bound", "claimed_epsilon", "canaries", "guesses", "correct", "guess_fraction",
+    "wall_seconds", "accuracy_with_canaries", "accuracy_without",
+)  # fmt: skip
 
 
 def confide(*args: str) -> None:
@@ -67,6 +71,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--epsilons", type=float, nargs="+", default=[8.0, 3.0, 1.0])
     parser.add_argument("--kinds", nargs="+", default=["white-box-gradient", "black-box-input"])
+    parser.add_argument("--out", type=Path, default=RESULTS / "audit.json")
     arguments = parser.parse_args()
     rows = []
     for epsilon in arguments.epsilons:
@@ -94,11 +99,12 @@ def main() -> None:
                     "median_accuracy_without": statistics.median(
                         r["accuracy_without"] for r in runs
                     ),
+                    "runs": [{key: run[key] for key in RUN_KEYS} for run in runs],
                 }
             )
             print(json.dumps(rows[-1]), flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "audit.json").write_text(json.dumps(rows, indent=2) + "\n")
+    arguments.out.parent.mkdir(parents=True, exist_ok=True)
+    arguments.out.write_text(json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":

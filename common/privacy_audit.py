@@ -24,11 +24,14 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-GUESS_FRACTIONS = (0.05, 0.15, 0.4, 0.9)
-"""Shares of each site's canaries the auditor guesses on (half in, half out; not all of them: the included count is Binomial(m, 1/2), so
-guessing half of all as in would force errors). Every share is
-tried and the best kept, so each is tested at (1 - confidence) / len(GUESS_FRACTIONS): the union
-bound keeps the stated confidence however the best one is picked."""
+GUESS_FRACTIONS = (0.05, 0.1, 0.2, 0.4)
+"""Shares of each site's canaries the auditor guesses on, half in and half out (not all of them:
+the included count is Binomial(m, 1/2), so guessing half of all as in would force errors). Every
+share is tried and the best kept, so each is tested at (1 - confidence) / len(GUESS_FRACTIONS):
+the union bound keeps the stated confidence however the best one is picked. Chosen by simulating
+heart's DP-SGD at epsilon 8 with likelihood-ratio scores (bench/results/audit-guess-grid.md):
+bounds come from the few canaries the scores are surest of, so small shares matter most, and
+separate counts for each side (more tests, a stricter level each) did worse."""
 
 BISECTION_STEPS = 40
 
@@ -72,6 +75,14 @@ def epsilon_lower_bound(
         else:
             high = middle
     return low
+
+
+def provable(canaries: int, delta: float, confidence: float) -> float:
+    """The bound if every guess at the smallest share were right: 0 means that the delta term
+    (2 m delta) leaves these canaries nothing to prove, however good the scores."""
+    guesses = max(2, round(min(GUESS_FRACTIONS) * canaries))
+    per_test = 1 - (1 - confidence) / len(GUESS_FRACTIONS)
+    return epsilon_lower_bound(canaries, guesses, guesses, delta, per_test)
 
 
 def check_confidence(confidence: float) -> None:

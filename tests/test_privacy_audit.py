@@ -15,6 +15,7 @@ from common.privacy_audit import (
     epsilon_lower_bound,
     guess,
     p_value,
+    provable,
 )
 
 
@@ -106,3 +107,8 @@ def test_sites_rank_their_own_scores():
 def test_a_confidence_outside_zero_one_is_refused(confidence):
     with pytest.raises(AuditSettingError, match="confidence"):
         epsilon_lower_bound(10, 10, 10, 0.0, confidence)
+
+
+def test_a_delta_term_that_leaves_nothing_to_prove_is_recognised():
+    assert provable(4000, 1e-5, 0.95) > 3  # the default audit: room for a large bound
+    assert provable(4000, 1e-2, 0.95) == 0.0  # 2 m delta = 80: no guesses can prove anything
