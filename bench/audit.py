@@ -18,6 +18,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
+from common.checkpoint import load_weights
+from common.evaluation import evaluate
+from common.federated_model import build_federated_model
+from common.lora import load_federated_state
+from common.partition import client_split, partition_plan
+from common.run_config import RunConfig
+from common.tasks import task_schema
+
 RESULTS = Path(__file__).parent / "results"
 RUN_KEYS = (
     "epsilon_lower_bound", "claimed_epsilon", "canaries", "guesses", "correct", "guess_fraction",
@@ -33,8 +43,20 @@ def confide(*args: str) -> None:
 
 
 def final_accuracy(run_dir: Path) -> float:
+    """The released model's accuracy on all sites' test records, pooled: under DP the run's own
+    figure is the sites' noisy evaluation (0 to 0.98 on heart at epsilon 1), too noisy to
+    compare runs with and without canaries."""
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    return metrics["rounds"][-1]["accuracy"]
+    config = RunConfig.from_mapping(metrics["config"])
+    model = build_federated_model(task_schema(config), config)
+    load_federated_state(model, load_weights(run_dir / "model.safetensors"))
+    names, _ = partition_plan(config)
+    results = [
+        evaluate(model, client_split(config, i).test, 256, torch.device("cpu"))
+        for i in range(len(names))
+    ]
+    correct = sum(r.accuracy * r.num_examples for r in results)
+    return correct / sum(r.num_examples for r in results)
 
 
 def audit_once(scenario: str, epsilon: float | None, kind: str, rounds: int) -> dict:

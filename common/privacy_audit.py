@@ -78,11 +78,13 @@ def epsilon_lower_bound(
 
 
 def provable(canaries: int, delta: float, confidence: float) -> float:
-    """The bound if every guess at the smallest share were right: 0 means that the delta term
-    (2 m delta) leaves these canaries nothing to prove, however good the scores."""
-    guesses = max(2, round(min(GUESS_FRACTIONS) * canaries))
+    """The best bound if every guess were right: 0 means these canaries can prove nothing,
+    however good the scores (too few guesses, or a delta term 2 m delta too large)."""
     per_test = 1 - (1 - confidence) / len(GUESS_FRACTIONS)
-    return epsilon_lower_bound(canaries, guesses, guesses, delta, per_test)
+    return max(
+        epsilon_lower_bound(canaries, guesses, guesses, delta, per_test)
+        for guesses in (2 * max(1, round(f * canaries / 2)) for f in GUESS_FRACTIONS)
+    )
 
 
 def check_confidence(confidence: float) -> None:

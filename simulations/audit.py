@@ -81,9 +81,9 @@ def audit_scenario(
     if provable(total, config.target_delta, confidence) == 0:
         raise AuditSettingError(
             f"--canaries {canaries}: {canaries} x {len(names)} sites at target-delta "
-            f"{config.target_delta:g} make the bound's delta term 2 m delta = "
-            f"{2 * total * config.target_delta:.3g}, which leaves nothing to prove even if every "
-            "guess were right; use a smaller target-delta (or fewer --canaries)"
+            f"{config.target_delta:g} can prove nothing even if every guess were right (too few "
+            f"guesses, or a delta term 2 m delta = {2 * total * config.target_delta:.3g} too "
+            "large); change --canaries or use a smaller target-delta"
         )
     overrides = {"audit-canaries": canaries, "audit-kind": kind}
     updated = RunConfig.from_mapping({**config.to_mapping(), **overrides}, source=scenario.name)

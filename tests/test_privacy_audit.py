@@ -109,6 +109,8 @@ def test_a_confidence_outside_zero_one_is_refused(confidence):
         epsilon_lower_bound(10, 10, 10, 0.0, confidence)
 
 
-def test_a_delta_term_that_leaves_nothing_to_prove_is_recognised():
-    assert provable(4000, 1e-5, 0.95) > 3  # the default audit: room for a large bound
+def test_settings_that_leave_nothing_to_prove_are_recognised():
+    assert provable(4000, 1e-5, 0.95) > 3  # the default white-box audit: room for a large bound
+    assert provable(120, 1e-5, 0.95) > 0  # heart's black-box default: 30 canaries a site
     assert provable(4000, 1e-2, 0.95) == 0.0  # 2 m delta = 80: no guesses can prove anything
+    assert provable(4, 0.0, 0.95) == 0.0  # 2 guesses, all right, happen by chance 1 time in 4
