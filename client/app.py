@@ -194,7 +194,7 @@ def train(msg: Message, context: Context) -> Message:
         audit = SiteAudit.for_node(config, context.node_config, split)  # `confide audit` only
         split = audit.training_split(split, len(task_schema(config).classes))
         model = _received_model(msg, config, fresh=config.dp)
-        with audit.round(model, _server_round(msg)):
+        with audit.round(_server_round(msg)):
             if config.dp:
                 metrics = _train_private(model, split, config, policy, msg, context)
             else:

@@ -8,8 +8,13 @@ file (`RUN/audit/SITE.json`); no canary, bit or score ever travels in a Flower m
   random unit direction u_i. An included canary enters DP-SGD's clipped sum in a step with the
   Poisson rate q of a record, before the noise: the accountant's epsilon counts amplification
   by sampling, so a canary present in every step would be a record the claim does not cover
-  and a correct implementation would fail its audit. The site's score is its model change over
-  the run projected on -u_i (sum over rounds of received minus trained, dotted with u_i).
+  and a correct implementation would fail its audit. The site scores every step: DP-SGD's
+  noised sum less the clipped sum of its own records (every step's noised sum is what the
+  accountant treats as public, and DP lets an adversary know all records but the one tested),
+  projected on u_i, is x = b + N(0, sigma^2) in units of max-grad-norm, with b = 1 if canary i
+  was drawn; the score is the log-likelihood ratio of "included" (b ~ Bernoulli(q)) against
+  "excluded" (b = 0), summed over steps. That is the most powerful test of each canary
+  (Neyman-Pearson), so the audit's guesses are as sure as DP-SGD lets them be.
 * `black-box-input` (any run): records with random features and random labels added to the
   site's training data; scored afterwards by the released model's confidence in their labels.
 
@@ -21,10 +26,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import secrets
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -98,35 +104,56 @@ def site_plan(
 
 
 class GradientCanaries:
-    """What FlatDPOptimizer adds to each step's clipped sum: the included canaries that this
-    step's Poisson draw picked, each a gradient of norm max-grad-norm."""
+    """What FlatDPOptimizer adds to each step's clipped sum (the included canaries that this
+    step's Poisson draw picked, each a gradient of norm max-grad-norm), and each canary's
+    log-likelihood ratio over the steps it has seen."""
 
-    def __init__(self, directions: torch.Tensor, sample_rate: float) -> None:
+    def __init__(self, directions: torch.Tensor, included: np.ndarray, sample_rate: float) -> None:
         self.directions = directions
+        self.included = torch.from_numpy(included)
         self.sample_rate = sample_rate
         self.generator = torch.Generator().manual_seed(secrets.randbits(63))
+        self.scores = torch.zeros(len(directions), dtype=torch.float64)
 
     def step_sum(self, max_grad_norm: float, like: torch.Tensor) -> torch.Tensor:
         drawn = torch.rand(len(self.directions), generator=self.generator) < self.sample_rate
-        total = self.directions[drawn].sum(dim=0) * max_grad_norm
+        total = self.directions[drawn & self.included].sum(dim=0) * max_grad_norm
         return total.to(device=like.device, dtype=like.dtype)
 
+    def observe(self, noised: torch.Tensor, max_grad_norm: float, noise_multiplier: float) -> None:
+        """Add one step's log-likelihood ratios: `noised` is the step's noised sum less the
+        clipped sum of the site's records, so along u_i it is b + N(0, sigma^2) (in units of
+        max-grad-norm), b ~ Bernoulli(q) if canary i is included and 0 if not."""
+        x = (self.directions @ noised.detach().cpu().to(torch.float32)).double() / max_grad_norm
+        q = self.sample_rate
+        drawn = math.log(q) + (2 * x - 1) / (2 * noise_multiplier**2)  # log q + log N(x-1)/N(x)
+        self.scores += torch.logaddexp(torch.full_like(x, math.log1p(-q)), drawn)
 
-_active_plan: ContextVar[CanaryPlan | None] = ContextVar("active_canary_plan", default=None)
+
+@dataclass
+class _Round:
+    """The round in progress at a site: its plan and the canaries DP-SGD was given."""
+
+    plan: CanaryPlan
+    canaries: list[GradientCanaries] = field(default_factory=list)
+
+    def scores(self) -> np.ndarray:
+        return sum((c.scores.numpy() for c in self.canaries), np.zeros(self.plan.count))
+
+
+_active_round: ContextVar[_Round | None] = ContextVar("active_canary_round", default=None)
 
 
 def gradient_canaries(params: list[torch.Tensor], sample_rate: float) -> GradientCanaries | None:
     """For FlatPrivacyEngine: the white-box canaries of the round in progress, if any."""
-    plan = _active_plan.get()
-    if plan is None or plan.kind != WHITE_BOX:
+    active = _active_round.get()
+    if active is None:
         return None
+    plan = active.plan
     dimension = sum(p.numel() for p in params)
-    return GradientCanaries(plan.directions(dimension)[plan.included()], sample_rate)
-
-
-def _trainable_vector(model: nn.Module) -> torch.Tensor:
-    """Trainable parameters, flat, in the order DP-SGD's optimizer holds them."""
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])
+    canaries = GradientCanaries(plan.directions(dimension), plan.included(), sample_rate)
+    active.canaries.append(canaries)
+    return canaries
 
 
 class SiteAudit:
@@ -158,29 +185,21 @@ class SiteAudit:
         return ClientSplit(split.name, train, split.test)
 
     @contextlib.contextmanager
-    def round(self, model: nn.Module, server_round: int) -> Iterator[None]:
-        """Around one round's training: white-box canaries go into DP-SGD, and the round's
-        model change is scored against every canary direction."""
+    def round(self, server_round: int) -> Iterator[None]:
+        """Around one round's training: white-box canaries go into DP-SGD, which scores them
+        step by step; the round's scores are kept in the site's audit file."""
         if self.plan is None or self.plan.kind != WHITE_BOX:
             yield
             return
-        before = {name: p.detach().clone() for name, p in model.named_parameters()}
-        token = _active_plan.set(self.plan)
+        active = _Round(self.plan)
+        token = _active_round.set(active)
         try:
             yield
         finally:
-            _active_plan.reset(token)
-        change = torch.cat(
-            [
-                (p.detach() - before[name].to(p.device)).reshape(-1).cpu()
-                for name, p in model.named_parameters()
-                if p.requires_grad
-            ]
-        )
-        scores = -(self.plan.directions(len(change)) @ change.to(torch.float32))
+            _active_round.reset(token)
         path = audit_file(self.config, self.plan.site)
         document = read_audit_file(path)
-        document["rounds"][str(server_round)] = scores.tolist()
+        document["rounds"][str(server_round)] = active.scores().tolist()
         write_json_atomically(path, document)
 
 

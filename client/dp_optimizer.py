@@ -48,7 +48,8 @@ class FlatDPOptimizer(DPOptimizer):
         if self.secure_mode:  # needs torchcsprng, which has no build for current torch
             raise ValueError("secure_mode is not supported by Confide's DP optimizer")
         params = self.params
-        summed = torch.cat([p.summed_grad.reshape(-1) for p in params])
+        records = torch.cat([p.summed_grad.reshape(-1) for p in params])
+        summed = records
         if self.canaries is not None:  # once per logical step, into the clipped sum, pre-noise
             summed = summed + self.canaries.step_sum(self.max_grad_norm, summed)
         noise = torch.normal(
@@ -58,8 +59,11 @@ class FlatDPOptimizer(DPOptimizer):
             generator=self.generator,
             device=summed.device,
         )
+        noised = summed + noise
+        if self.canaries is not None:  # the site scores its canaries on what this step released
+            self.canaries.observe(noised - records, self.max_grad_norm, self.noise_multiplier)
         scale = self.expected_batch_size * self.accumulated_iterations
-        flat = (summed + noise) / (scale if self.loss_reduction == "mean" else 1)
+        flat = noised / (scale if self.loss_reduction == "mean" else 1)
         for p, grad in zip(params, _split_like(flat, params), strict=True):
             use_once(p.summed_grad)
             p.grad = grad

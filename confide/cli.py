@@ -210,7 +210,11 @@ def audit(
         list[str] | None, typer.Option("--set", help="KEY=VALUE for any run-config key")
     ] = None,
     canaries: Annotated[
-        int | None, typer.Option(help="Canaries per site (default: 1000 over all sites)")
+        int | None,
+        typer.Option(
+            help="Canaries per site (default: 4000 over all sites; black-box: at most the "
+            "smallest site's records)"
+        ),
     ] = None,
     kind: Annotated[
         str | None,

@@ -34,15 +34,24 @@ from common.checkpoint import load_weights
 from common.federated_model import build_federated_model
 from common.lora import load_federated_state
 from common.partition import client_split, partition_plan
-from common.privacy_audit import AuditSettingError, SiteScores, audit_bound, check_confidence
+from common.privacy_audit import (
+    AuditSettingError,
+    SiteScores,
+    audit_bound,
+    check_confidence,
+    provable,
+)
 from common.privacy_ledger import summarize
 from common.run_config import RunConfig
 from common.tasks import task_schema
 from simulations.scenario import Scenario
 
-TOTAL_CANARIES = 1000
-"""Default canaries in all, split evenly over the sites: about the most the bound's delta term
-allows at delta 1e-5 (2 m delta = 0.02 of the 0.05 a 95% bound may spend)."""
+TOTAL_CANARIES = 4000
+"""Default canaries in all, split evenly over the sites. A bound comes from the few canaries the
+scores are surest of, so more canaries mean more sure guesses; past a few thousand the delta term
+(2 m delta, 0.08 here at delta 1e-5, times a small binomial mass) takes back what they add
+(bench/results/audit-guess-grid.md). White-box canaries cost each site m x d floats of
+directions (1,000 x 18,146 on heart: 73 MB) and one m x d product a step."""
 NO_CLAIM = "no claimed epsilon: the bound stands alone"
 
 
@@ -68,13 +77,13 @@ def audit_scenario(
             f"--canaries {canaries}: the smallest site has {smallest} training records and input "
             f"canaries may at most double a site's data; use --canaries {smallest} or fewer"
         )
-    delta_term = 2 * canaries * len(names) * config.target_delta
-    if delta_term >= 1 - confidence:
-        fits = max(1, int((1 - confidence) / (2 * len(names) * config.target_delta)) - 1)
+    total = canaries * len(names)
+    if provable(total, config.target_delta, confidence) == 0:
         raise AuditSettingError(
-            f"--canaries {canaries}: {canaries} x {len(names)} sites make the bound's delta term "
-            f"2 m delta = {delta_term:.3g}, not below 1 - confidence = {1 - confidence:.3g}; use "
-            f"--canaries {fits} or fewer (or a smaller target-delta)"
+            f"--canaries {canaries}: {canaries} x {len(names)} sites at target-delta "
+            f"{config.target_delta:g} can prove nothing even if every guess were right (too few "
+            f"guesses, or a delta term 2 m delta = {2 * total * config.target_delta:.3g} too "
+            "large); change --canaries or use a smaller target-delta"
         )
     overrides = {"audit-canaries": canaries, "audit-kind": kind}
     updated = RunConfig.from_mapping({**config.to_mapping(), **overrides}, source=scenario.name)

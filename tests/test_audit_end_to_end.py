@@ -32,7 +32,7 @@ def test_a_white_box_audit_of_a_dp_federation_stays_below_its_claim(tmp_path):
     assert done.returncode == 0, done.stderr
     audit = json.loads((tmp_path / "audit.json").read_text())
     assert AUDIT_KEYS <= set(audit)
-    assert audit["kind"] == "white-box-gradient" and audit["canaries"] == 1000
+    assert audit["kind"] == "white-box-gradient" and audit["canaries"] == 4000
     assert audit["epsilon_lower_bound"] <= audit["claimed_epsilon"] <= 8.01
     report = (tmp_path / "report.md").read_text()
     assert "## Privacy audit" in report and (tmp_path / "audit_scores.png").is_file()
@@ -54,7 +54,7 @@ def test_an_audit_without_dp_runs_and_says_the_bound_stands_alone(tmp_path):
     [
         (["--confidence", "1.5"], "confidence"),
         (["--kind", "black-box-input", "--canaries", "5000"], "--canaries 5000"),
-        (["--set", "dp=true", "--canaries", "2000"], "--canaries 2000"),
+        (["--set", "dp=true", "--set", "target-delta=0.01"], "smaller target-delta"),
         (["--kind", "white-box-gradient"], "dp = true"),
     ],
 )

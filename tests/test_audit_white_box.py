@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from client.canaries import SiteAudit, audit_file, read_audit_file
+from client.canaries import GradientCanaries, SiteAudit, audit_file, read_audit_file
 from client.dp_optimizer import FlatPrivacyEngine
 from client.private_training import SitePrivacy, train_privately
 from common.model_factory import build_model
@@ -40,21 +40,22 @@ def permissive_site(config: RunConfig, ledger: PrivacyLedger) -> SitePrivacy:
     return SitePrivacy(policy, config.privacy_budget(), ledger, "test")
 
 
-def audit_one_site(tmp_path: Path, **settings: object) -> tuple[AuditBound, float]:
+def audit_one_site(tmp_path: Path, seed: int = 0, **settings: object) -> tuple[AuditBound, float]:
     """Every round of one hospital's DP-SGD with canaries, as client/app.py runs it; returns
-    the bound and the epsilon its ledger claims."""
+    the bound and the epsilon its ledger claims. `seed` seeds the model and DP-SGD's noise;
+    the canaries' secret is fresh each call."""
     config = RunConfig.from_mapping(
         {**FAST, "dp": True, "audit-canaries": CANARIES, "run-dir": str(tmp_path), **settings}
     )
     split = client_split(config, 0)
     audit = SiteAudit.for_node(config, {"partition-id": 0}, split)
     ledger = PrivacyLedger.open(tmp_path / "ledger.json", "cleveland")
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     arrays = build_model(task_schema(config), config).state_dict()
     for server_round in range(1, config.num_server_rounds + 1):
         model = build_model(task_schema(config), config)
         model.load_state_dict(arrays)
-        with audit.round(model, server_round):
+        with audit.round(server_round):
             private = train_privately(
                 model, split.train, config, permissive_site(config, ledger), "run",
                 server_round, torch.device("cpu"),
@@ -72,10 +73,11 @@ def test_without_real_noise_the_audit_proves_epsilon_at_least_4(tmp_path):
     assert bound.epsilon_lower_bound >= 4, bound
 
 
+@pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("epsilon", [8.0, 1.0])
-def test_correct_dp_sgd_stays_below_its_claim(tmp_path, epsilon):
+def test_correct_dp_sgd_stays_below_its_claim(tmp_path, epsilon, seed):
     settings = {"target-epsilon": epsilon + 0.01, "noise-multiplier": SIGMA_AT[epsilon]}
-    bound, claimed = audit_one_site(tmp_path, **settings)
+    bound, claimed = audit_one_site(tmp_path, seed, **settings)
     assert claimed == pytest.approx(epsilon, abs=0.01)
     assert bound.epsilon_lower_bound <= claimed, bound
 
@@ -106,14 +108,27 @@ def test_canaries_are_drawn_at_the_records_poisson_rate(tmp_path):
 
     def spy(self, **kwargs):
         optimizer = original(self, **kwargs)
-        drawn.append((optimizer.canaries.sample_rate, len(optimizer.canaries.directions)))
+        canaries = optimizer.canaries
+        drawn.append((canaries.sample_rate, int(canaries.included.sum())))
         return optimizer
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(FlatPrivacyEngine, "_prepare_optimizer", spy)
-        with audit.round(model, 1):
+        with audit.round(1):
             train_privately(
                 model, split.train, config, permissive_site(config, ledger), "run", 1,
                 torch.device("cpu"),
             )  # fmt: skip
     assert drawn == [(1 / 4, int(audit.plan.included().sum()))]
+
+
+def test_each_step_adds_the_log_likelihood_ratio_of_included_over_excluded():
+    """Along u_i the step's noised sum (less the records') is b + N(0, sigma^2) in units of C:
+    the score is log((1 - q) + q exp((2x - 1) / (2 sigma^2))), summed over steps."""
+    canaries = GradientCanaries(torch.eye(3)[:2], np.array([True, False]), sample_rate=0.25)
+    max_grad_norm, sigma = 2.0, 0.5
+    for x in ([1.2, -0.3], [0.1, 0.9]):
+        canaries.observe(torch.tensor([*x, 7.0]) * max_grad_norm, max_grad_norm, sigma)
+    steps = np.array([[1.2, -0.3], [0.1, 0.9]])
+    expected = np.log(0.75 + 0.25 * np.exp((2 * steps - 1) / (2 * sigma**2))).sum(axis=0)
+    np.testing.assert_allclose(canaries.scores.numpy(), expected, rtol=1e-6)

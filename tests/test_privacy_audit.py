@@ -15,6 +15,7 @@ from common.privacy_audit import (
     epsilon_lower_bound,
     guess,
     p_value,
+    provable,
 )
 
 
@@ -106,3 +107,10 @@ def test_sites_rank_their_own_scores():
 def test_a_confidence_outside_zero_one_is_refused(confidence):
     with pytest.raises(AuditSettingError, match="confidence"):
         epsilon_lower_bound(10, 10, 10, 0.0, confidence)
+
+
+def test_settings_that_leave_nothing_to_prove_are_recognised():
+    assert provable(4000, 1e-5, 0.95) > 3  # the default white-box audit: room for a large bound
+    assert provable(120, 1e-5, 0.95) > 0  # heart's black-box default: 30 canaries a site
+    assert provable(4000, 1e-2, 0.95) == 0.0  # 2 m delta = 80: no guesses can prove anything
+    assert provable(4, 0.0, 0.95) == 0.0  # 2 guesses, all right, happen by chance 1 time in 4
