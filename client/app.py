@@ -39,7 +39,7 @@ from client.training import (
     stop_if_expired,
     train_epochs,
 )
-from common.evaluation import evaluate, make_loader
+from common.evaluation import TensorBatches, evaluate
 from common.federated_model import build_federated_model
 from common.lora import federated_state, load_federated_state
 from common.packed_arrays import array_record
@@ -138,7 +138,7 @@ def _train_plain(
     model: torch.nn.Module, split: ClientSplit, config: RunConfig, msg: Message
 ) -> dict[str, float]:
     server_round = _server_round(msg)
-    loader = make_loader(
+    loader = TensorBatches(
         split.train, config.batch_size, shuffle=True, seed=config.seed + server_round
     )
     optimizer = make_optimizer(config.optimizer, model, config.learning_rate, config.weight_decay)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader
 
 from common.evaluation import LocalResult, on_device
 
@@ -44,7 +43,7 @@ def stop_if_expired(deadline: float | None) -> None:
 
 def train_epochs(
     model: nn.Module,
-    loader: DataLoader,
+    loader: Iterable[Sequence[Tensor]],  # a DataLoader, or common.evaluation.TensorBatches
     optimizer: torch.optim.Optimizer,
     epochs: int,
     device: torch.device,
