@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -53,7 +54,13 @@ def npy_array(dtype: np.dtype, shape: tuple[int, ...], data: bytes) -> Array:
     """An Array holding `data` (C order) as `np.save` writes it, from the cached header: Flower's
     `Array(ndarray)` runs `np.save` into a BytesIO per array, 0.6 ms per model of 40 tensors, as
     much as a 1,000-client round's training of one client (bench/results/scale-cost.md)."""
-    return Array(str(dtype), shape, NUMPY_STYPE, npy_header(dtype, shape) + data)
+    return Array(dtype_text(dtype), shape, NUMPY_STYPE, npy_header(dtype, shape) + data)
+
+
+@lru_cache(maxsize=64)
+def dtype_text(dtype: np.dtype) -> str:
+    """`str(dtype)`, as Flower declares it, once per dtype (NumPy builds the text in Python)."""
+    return str(dtype)
 
 
 def array_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
