@@ -20,12 +20,16 @@ import argparse
 import contextlib
 import logging
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.clientapp import ClientApp
+from flwr.serverapp.strategy import FedAvg, Strategy
 
 import client.app as client_module
 from client.app import app as client_app
@@ -37,6 +41,7 @@ from server.federation import run_round
 from server.strategy_choice import build_strategy
 from tests.local_grid import LocalGrid
 
+BASELINE_APP = Path(__file__).resolve().parent / "baseline_app"
 SETTINGS = {
     "task": "bank",
     "num-clients": 1000,
@@ -76,6 +81,43 @@ def timed_training(clock: Clock) -> Iterator[None]:
             setattr(client_module, name, function)
 
 
+def floor_client_app() -> ClientApp:
+    """The baseline app's ClientApp: its package `bankbaseline` sits in its app directory, which
+    Flower's engine puts on the path."""
+    sys.path.insert(0, str(BASELINE_APP))
+    from bankbaseline.client_app import app
+
+    return app
+
+
+def floor_seconds(
+    grid: LocalGrid, strategy: FedAvg, arrays: ArrayRecord, server_round: int
+) -> float:
+    """CPU seconds of one round of `bench.scale`'s flower-floor in the same harness: FedAvg's round
+    (as its `start` runs it) against the baseline app's handlers that reply at once."""
+    started = time.process_time()
+    replies = grid.send_and_receive(
+        strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
+    )
+    aggregated, _ = strategy.aggregate_train(server_round, replies)
+    assert aggregated is not None
+    evaluate = strategy.configure_evaluate(server_round, aggregated, ConfigRecord(), grid)
+    strategy.aggregate_evaluate(server_round, grid.send_and_receive(evaluate))
+    return time.process_time() - started
+
+
+def confide_round(
+    grid: LocalGrid, strategy: Strategy, arrays: ArrayRecord, server_round: int, config: RunConfig
+) -> tuple[ArrayRecord, float, Clock]:
+    """Confide's round (`run_round`, as the ServerApp runs it): new arrays, CPU seconds, clock."""
+    clock = Clock()
+    grid.client_app = clock.wrap("client_app", client_app)
+    with timed_training(clock):
+        started = time.process_time()
+        arrays, _ = run_round(grid, strategy, arrays, server_round, 600.0, update_policy(config))
+        return arrays, time.process_time() - started, clock
+
+
 def measure(nodes: int, rounds: int) -> list[dict[str, float]]:
     config = RunConfig.from_mapping(SETTINGS)
     logging.getLogger("flwr").setLevel(logging.WARNING)
@@ -83,21 +125,15 @@ def measure(nodes: int, rounds: int) -> list[dict[str, float]]:
     torch.manual_seed(config.seed)
     node_configs = {n + 1: {"partition-id": n} for n in range(nodes)}
     grid = LocalGrid(client_app, config.to_mapping(), node_configs)
-    strategy = build_strategy(config)
+    floor_grid = LocalGrid(floor_client_app(), {"noop": True}, node_configs)
+    strategy, floor_strategy = build_strategy(config), FedAvg()
     arrays = ArrayRecord(initial_federated_state(task_schema(config), config))
     figures = []
-    for server_round in range(1, rounds + 1):
-        clock = Clock()
-        grid.client_app = clock.wrap("client_app", client_app)
-        with timed_training(clock):
-            started = time.process_time()
-            arrays, _ = run_round(
-                grid, strategy, arrays, server_round, 600.0, update_policy(config)
-            )
-            total = time.process_time() - started
+    for server_round in range(1, rounds + 1):  # the two alternate: a busy spell hits both
+        floor = floor_seconds(floor_grid, floor_strategy, arrays, server_round)
+        arrays, total, clock = confide_round(grid, strategy, arrays, server_round, config)
         per = 1000.0 / nodes  # ms per client-round
-        client = clock.inside["client_app"]
-        training = clock.inside["train_epochs"]
+        client, training = clock.inside["client_app"], clock.inside["train_epochs"]
         figures.append(
             {
                 "round": server_round,
@@ -107,6 +143,8 @@ def measure(nodes: int, rounds: int) -> list[dict[str, float]]:
                 "client_rest_ms": (client - training - clock.inside["evaluate"]) * per,
                 "coordinator_ms": (total - client) * per,
                 "confide_ms": (total - training) * per,
+                "floor_ms": floor * per,
+                "above_floor_ms": (total - training - floor) * per,
             }
         )
         print(", ".join(f"{k} {v:.2f}" for k, v in figures[-1].items()), flush=True)
