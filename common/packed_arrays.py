@@ -63,13 +63,21 @@ def dtype_text(dtype: np.dtype) -> str:
     return str(dtype)
 
 
+def holding(arrays: Mapping[str, Array]) -> ArrayRecord:
+    """An ArrayRecord of these very Arrays: `ArrayRecord(dict)` builds a copy of each."""
+    record = ArrayRecord()
+    for name, array in arrays.items():
+        record[name] = array
+    return record
+
+
 def array_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
     """`ArrayRecord(tensors)`, the same arrays and bytes (C order), without `np.save`."""
     arrays = {}
     for name, tensor in tensors.items():
         values = tensor.detach().cpu().numpy()
         arrays[name] = npy_array(values.dtype, values.shape, values.tobytes())  # C order
-    return ArrayRecord(arrays)
+    return holding(arrays)
 
 
 def pack(record: ArrayRecord) -> ArrayRecord:
@@ -95,4 +103,4 @@ def unpack(record: ArrayRecord, layout: Layout) -> ArrayRecord:
     for slot in layout:
         arrays[slot.name] = npy_array(slot.dtype, slot.shape, data[offset : offset + slot.nbytes])
         offset += slot.nbytes
-    return ArrayRecord(arrays)
+    return holding(arrays)
