@@ -52,8 +52,8 @@ def is_packed(record: ArrayRecord) -> bool:
 
 def npy_array(dtype: np.dtype, shape: tuple[int, ...], data: bytes) -> Array:
     """An Array holding `data` (C order) as `np.save` writes it, from the cached header: Flower's
-    `Array(ndarray)` runs `np.save` into a BytesIO per array, 0.6 ms per model of 40 tensors, as
-    much as a 1,000-client round's training of one client (bench/results/scale-cost.md)."""
+    `Array(ndarray)` runs `np.save` into a BytesIO per array: 0.6 ms for the 40 tensors of a
+    reply (BENCHMARKS.md, "Confide's own cost per client-round")."""
     return Array(dtype_text(dtype), shape, NUMPY_STYPE, npy_header(dtype, shape) + data)
 
 

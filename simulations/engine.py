@@ -57,8 +57,8 @@ def set_engine_environment() -> None:
     # everything else (measured 1.9x fewer client-rounds/s at 1,000 clients, bench/results/scale.md).
     os.environ.setdefault("RAY_worker_niceness", "0")
     # Ray records every actor call's state changes for its dashboard (off here) and keeps up to
-    # 100,000 calls in its GCS: CPU on every side of each call, and 150 MiB more GCS memory at
-    # 10,000 clients (BENCHMARKS.md, "10,000 virtual banks"). 0 turns the recording off.
+    # 100,000 calls in its GCS: CPU on every side of each call, and the GCS grew from 48 to
+    # 222 MiB at 10,000 clients (BENCHMARKS.md, "10,000 virtual banks"). 0 turns it off.
     os.environ.setdefault("RAY_task_events_report_interval_ms", "0")
 
 
