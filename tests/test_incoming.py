@@ -7,6 +7,8 @@ sum and its model dropped. The mean must be the strategy's own, up to float roun
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
@@ -100,6 +102,14 @@ def test_a_simulations_replies_are_handed_over_as_they_are_pulled() -> None:
     next(replies)
     assert grid.pulls == 2
     assert next(replies, None) is None  # every message answered: no more pulls
+
+
+def test_flowers_in_memory_grid_still_answers_through_the_loop_it_mirrors() -> None:
+    """`replies_as_they_arrive` repeats InMemoryGrid.send_and_receive's loop through public
+    methods: if Flower's changes (another pull, another pause), the copy must follow."""
+    source = inspect.getsource(InMemoryGrid.send_and_receive)
+    assert all(name in source for name in ("push_messages", "pull_messages", "pull_interval"))
+    assert inspect.signature(InMemoryGrid.__init__).parameters["pull_interval"].default == 0.1
 
 
 def test_a_lost_reply_is_waited_for_until_the_timeout_only() -> None:
