@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader
 
-from common.evaluation import LocalResult
+from common.evaluation import LocalResult, on_device
 
 
 def choose_device() -> torch.device:
@@ -44,7 +43,7 @@ def stop_if_expired(deadline: float | None) -> None:
 
 def train_epochs(
     model: nn.Module,
-    loader: DataLoader,
+    loader: Iterable[Sequence[Tensor]],  # a DataLoader, or common.evaluation.TensorBatches
     optimizer: torch.optim.Optimizer,
     epochs: int,
     device: torch.device,
@@ -60,7 +59,7 @@ def train_epochs(
     the empty batches Poisson sampling can draw. Past `deadline` (see `stop_if_expired`) the
     next batch raises RoundExpired instead of computing an update nobody will take."""
     started = time.perf_counter()
-    model.to(device).train()
+    on_device(model, device).train()
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
     total_loss, correct, seen = 0.0, 0, 0
     for _ in range(epochs):

@@ -12,6 +12,9 @@ federation exchanges only those (`federated_state`) and each side rebuilds the b
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import torch
 from torch import Tensor, nn
 
 from common.hf_model import HFTextClassifier
@@ -103,21 +106,30 @@ def federated_state(model: nn.Module) -> dict[str, Tensor]:
     return {name: tensor for name, tensor in state.items() if _travels(name)}
 
 
-def load_federated_state(model: nn.Module, state: dict[str, Tensor]) -> None:
+def load_federated_state(model: nn.Module, state: Mapping[str, Tensor]) -> None:
     """Load what travelled; with LoRA the frozen base stays as this side built it. Strict either
-    way: a tensor missing or extra is an error, never silently ignored."""
-    if not uses_lora(model):
-        model.load_state_dict(state)
-        return
-    expected = federated_state(model)
-    if set(state) != set(expected):
-        missing = sorted(set(expected) - set(state))[:3]
-        extra = sorted(set(state) - set(expected))[:3]
+    way: a tensor missing or extra, or of another shape, is an error, never silently ignored.
+
+    Copies into the model's own tensors, as `load_state_dict` does, without its walk over every
+    submodule and hook: a third of a millisecond per load, paid twice per client-round by a
+    simulation worker (train, evaluate)."""
+    targets = federated_state(model)
+    if state.keys() != targets.keys():
+        missing = sorted(set(targets) - set(state))[:3]
+        extra = sorted(set(state) - set(targets))[:3]
+        expected = "adapters and head" if uses_lora(model) else "tensors"
         raise RuntimeError(
-            f"received tensors are not this model's adapters and head (missing {missing}, "
-            f"extra {extra})"
+            f"received tensors are not this model's {expected} (missing {missing}, extra {extra})"
         )
-    model.load_state_dict(state, strict=False)
+    for name, target in targets.items():
+        if state[name].shape != target.shape:
+            raise RuntimeError(
+                f"received '{name}' has shape {list(state[name].shape)}, this model's "
+                f"{list(target.shape)}"
+            )
+    with torch.no_grad():
+        for name, target in targets.items():
+            target.copy_(state[name])
 
 
 def _travels(name: str) -> bool:

@@ -12,10 +12,12 @@ and the packed array must be exactly the bytes that layout needs.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord
 
 from common.received_weights import NUMPY_STYPE, ReceivedArrayError, ndarray, npy_header
@@ -48,6 +50,36 @@ def is_packed(record: ArrayRecord) -> bool:
     return PACKED_KEY in record
 
 
+def npy_array(dtype: np.dtype, shape: tuple[int, ...], data: bytes) -> Array:
+    """An Array holding `data` (C order) as `np.save` writes it, from the cached header: Flower's
+    `Array(ndarray)` runs `np.save` into a BytesIO per array: 0.6 ms for the 40 tensors of a
+    reply (BENCHMARKS.md, "Confide's own cost per client-round")."""
+    return Array(dtype_text(dtype), shape, NUMPY_STYPE, npy_header(dtype, shape) + data)
+
+
+@lru_cache(maxsize=64)
+def dtype_text(dtype: np.dtype) -> str:
+    """`str(dtype)`, as Flower declares it, once per dtype (NumPy builds the text in Python)."""
+    return str(dtype)
+
+
+def holding(arrays: Mapping[str, Array]) -> ArrayRecord:
+    """An ArrayRecord of these very Arrays: `ArrayRecord(dict)` builds a copy of each."""
+    record = ArrayRecord()
+    for name, array in arrays.items():
+        record[name] = array
+    return record
+
+
+def array_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """`ArrayRecord(tensors)`, the same arrays and bytes (C order), without `np.save`."""
+    arrays = {}
+    for name, tensor in tensors.items():
+        values = tensor.detach().cpu().numpy()
+        arrays[name] = npy_array(values.dtype, values.shape, values.tobytes())  # C order
+    return holding(arrays)
+
+
 def pack(record: ArrayRecord) -> ArrayRecord:
     """Every array's bytes, in the record's order, as one uint8 array."""
     parts = [np.ascontiguousarray(ndarray(array, name)).view(np.uint8).ravel()
@@ -68,9 +100,7 @@ def unpack(record: ArrayRecord, layout: Layout) -> ArrayRecord:
             f"'{PACKED_KEY}': {flat.dtype}{list(flat.shape)}, the model needs uint8[{needed}]"
         )
     data, arrays, offset = flat.tobytes(), {}, 0
-    for slot in layout:  # each array as `np.save` would write it, from its cached header
-        header = npy_header(slot.dtype, slot.shape)
-        values = data[offset : offset + slot.nbytes]
-        arrays[slot.name] = Array(str(slot.dtype), slot.shape, NUMPY_STYPE, header + values)
+    for slot in layout:
+        arrays[slot.name] = npy_array(slot.dtype, slot.shape, data[offset : offset + slot.nbytes])
         offset += slot.nbytes
-    return ArrayRecord(arrays)
+    return holding(arrays)

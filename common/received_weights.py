@@ -75,8 +75,9 @@ def declared_layout(array: Array) -> tuple[np.dtype, tuple[int, ...], bytes, byt
     if array.stype != NUMPY_STYPE:
         raise ReceivedArrayError(f"serialised as {array.stype!r}, not {NUMPY_STYPE!r}")
     shape = tuple(array.shape)
-    # `type(...) is int`: True and 1 hash alike, and a bool is no dimension.
-    if not all(type(n) is int and n >= 0 for n in shape):
+    # `type(...) is int`: True and 1 hash alike, and a bool is no dimension. (`map`, not a
+    # generator: this runs for every array of every message, both ways.)
+    if not set(map(type, shape)) <= {int} or min(shape, default=0) < 0:
         raise ReceivedArrayError(f"declares shape {list(shape)!r}, not non-negative integers")
     if not isinstance(array.dtype, str):
         raise ReceivedArrayError(f"declares dtype {array.dtype!r}, not a numeric dtype")

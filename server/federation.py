@@ -23,6 +23,7 @@ from flwr.superlink.grid import InMemoryGrid
 from common.packed_arrays import pack
 from common.site_policy import REFUSED
 from server.federation_error import FederationError
+from server.incoming import RunningMean, folds_mean, replies_as_they_arrive
 from server.secure_aggregation import SecureAggregation
 from server.strategy_state import strategy_state
 from server.update_validation import UpdatePolicy, global_values, screen_update
@@ -97,22 +98,28 @@ def client_name(reply: Message) -> str:
     )
 
 
+def failure(reply: Message) -> dict[str, Any] | None:
+    """The record of a failed reply (node and reason), None for a usable one."""
+    if not reply.has_error():
+        return None
+    reason = (reply.error.reason or "no reason given").strip().splitlines()
+    failed = {
+        "id": reply.metadata.src_node_id,
+        "reason": reason[-1] if reason else "",
+        "refused": reply.error.code == REFUSED,
+    }
+    log.warning("node %s failed: %s", failed["id"], failed["reason"])
+    return failed
+
+
 def split_replies(replies: Iterable[Message]) -> tuple[list[Message], list[dict[str, Any]]]:
     """Usable replies, and a record of each failed one (node and reason)."""
     usable, failures = [], []
     for reply in replies:
-        if reply.has_error():
-            reason = (reply.error.reason or "no reason given").strip().splitlines()
-            failures.append(
-                {
-                    "id": reply.metadata.src_node_id,
-                    "reason": reason[-1] if reason else "",
-                    "refused": reply.error.code == REFUSED,
-                }
-            )
-            log.warning("node %s failed: %s", reply.metadata.src_node_id, failures[-1]["reason"])
-        else:
+        if (failed := failure(reply)) is None:
             usable.append(reply)
+        else:
+            failures.append(failed)
     return usable, failures
 
 
@@ -196,20 +203,36 @@ def same_dtypes(aggregated: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
     )
 
 
+@dataclass
+class TrainingReplies:
+    trained: list[Message]
+    failures: list[dict[str, Any]]
+    rejected: list[dict[str, Any]]
+    retries: int
+    mean: ArrayRecord | None = None  # folded as the updates arrived (server/incoming.py)
+
+
 def screen_updates(
-    replies: list[Message], arrays: ArrayRecord, policy: UpdatePolicy
-) -> tuple[list[Message], list[dict[str, Any]]]:
-    accepted, rejected = [], []
+    replies: Iterable[Message], arrays: ArrayRecord, policy: UpdatePolicy, fold: RunningMean | None
+) -> TrainingReplies:
+    """Each reply as it arrives: a failure, a rejected update, or a usable one, which `fold`
+    (when the strategy's aggregate is its running mean) takes in, letting go of its model."""
+    screened = TrainingReplies([], [], [], retries=0)
     reference = global_values(arrays)
     for reply in replies:
-        reason = screen_update(reply, arrays, policy, reference)
-        if reason is None:
-            accepted.append(reply)
-        else:
+        if (failed := failure(reply)) is not None:
+            screened.failures.append(failed)
+        elif (reason := screen_update(reply, arrays, policy, reference)) is not None:
             node = reply.metadata.src_node_id
             log.warning("rejected the update of node %s (%s): %s", node, client_name(reply), reason)
-            rejected.append({"id": node, "name": client_name(reply), "reason": reason})
-    return accepted, rejected
+            screened.rejected.append({"id": node, "name": client_name(reply), "reason": reason})
+        else:
+            if fold is not None:
+                fold.add(reply)
+            screened.trained.append(reply)
+    if fold is not None:
+        screened.mean = fold.mean()
+    return screened
 
 
 def client_level_privacy(strategy: Strategy) -> dict[str, float]:
@@ -244,14 +267,6 @@ def await_clients(grid: Grid, expected: int, minimum: int, timeout: float) -> in
     return connected
 
 
-@dataclass
-class TrainingReplies:
-    trained: list[Message]
-    failures: list[dict[str, Any]]
-    rejected: list[dict[str, Any]]
-    retries: int
-
-
 def collect_updates(
     grid: Grid,
     strategy: Strategy,
@@ -270,12 +285,14 @@ def collect_updates(
             strategy.configure_train(server_round, arrays, ConfigRecord(), grid),
             arrays, grid, timeout,
         )  # fmt: skip
-        replied, failed = split_replies(grid.send_and_receive(messages, timeout=timeout))
-        trained, refused = screen_updates(replied, arrays, policy)
-        failures += [{**f, "stage": "train", "attempt": attempt + 1} for f in failed]
-        rejected += [{**r, "attempt": attempt + 1} for r in refused]
+        fold = RunningMean() if folds_mean(strategy) else None
+        replies = replies_as_they_arrive(grid, messages, timeout)
+        screened = screen_updates(replies, arrays, policy, fold)
+        trained = screened.trained
+        failures += [{**f, "stage": "train", "attempt": attempt + 1} for f in screened.failures]
+        rejected += [{**r, "attempt": attempt + 1} for r in screened.rejected]
         if len(trained) >= quorum.minimum:
-            return TrainingReplies(trained, failures, rejected, retries=attempt)
+            return TrainingReplies(trained, failures, rejected, attempt, screened.mean)
         log.warning(
             "round %d, try %d of %d: %d of %d sampled clients returned a usable update, fewer "
             "than min-train-replies = %d",
@@ -310,7 +327,9 @@ def run_round(
         replies = TrainingReplies([], secured.failures, [], retries=0)
     else:
         replies = collect_updates(grid, strategy, arrays, server_round, timeout, policy, quorum)
-        new_arrays, _ = strategy.aggregate_train(server_round, replies.trained)
+        new_arrays = replies.mean
+        if new_arrays is None:
+            new_arrays, _ = strategy.aggregate_train(server_round, replies.trained)
         train_metrics = {reply.metadata.src_node_id: _metrics(reply) for reply in replies.trained}
     if new_arrays is None:
         raise FederationError(f"round {server_round}: the strategy could not aggregate the updates")

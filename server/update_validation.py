@@ -93,7 +93,7 @@ def screen_update(
             values = decode_like(name, received, expected)
         except ReceivedArrayError as error:
             return str(error)
-        if not np.all(np.isfinite(values)):
+        if not np.isfinite(values).all():
             return f"'{name}' holds NaN or infinite values"
         deltas[name] = values.astype(np.float64) - reference[name]
 

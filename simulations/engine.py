@@ -47,14 +47,24 @@ class Resources:
             )
 
 
-def run_in_simulation(config: RunConfig, resources: Resources, verbose: bool = False) -> None:
-    """Blocks until the ServerApp returns; raises if it failed."""
+def set_engine_environment() -> None:
+    """Settings of the engine Confide runs (bench/baseline_app runs the `flower-floor` with them
+    too), each left as it is when the user set it: read by Ray when it starts."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no phoning home from a hospital laptop
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     # Ray runs workers at niceness 15: on a busy laptop the virtual clients then lose the CPU to
     # everything else (measured 1.9x fewer client-rounds/s at 1,000 clients, bench/results/scale.md).
     os.environ.setdefault("RAY_worker_niceness", "0")
+    # Ray records every actor call's state changes for its dashboard (off here) and keeps up to
+    # 100,000 calls in its GCS: CPU on every side of each call, and the GCS grew from 48 to
+    # 222 MiB at 10,000 clients (BENCHMARKS.md, "10,000 virtual banks"). 0 turns it off.
+    os.environ.setdefault("RAY_task_events_report_interval_ms", "0")
+
+
+def run_in_simulation(config: RunConfig, resources: Resources, verbose: bool = False) -> None:
+    """Blocks until the ServerApp returns; raises if it failed."""
+    set_engine_environment()
     from flwr.app import Context, RecordDict
 
     if resources.ray_address:  # joined before the engine starts, which then uses it as is

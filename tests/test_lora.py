@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 
 import client.app as client_app_module
 from common.federated_model import build_federated_model, initial_federated_state
-from common.lora import LoraConfigError, add_lora, federated_state
+from common.lora import LoraConfigError, add_lora, federated_state, load_federated_state
 from common.model_factory import build_model
 from common.pretrained_checkpoint import CHECKPOINT_DIR, initial_state
 from common.run_config import RunConfig, RunConfigError
@@ -99,6 +99,22 @@ def test_lora_off_federates_every_tensor_as_before() -> None:
     now = initial_federated_state(schema, config)
     assert list(now) == list(build_model(schema, config).state_dict())
     assert all(torch.equal(now[name], before[name]) for name in before)
+
+
+def test_loading_is_strict_about_names_and_shapes_with_lora_or_without() -> None:
+    for config in (config_of(**BANKING77), config_of(**BANKING77, lora_rank=4)):
+        schema = task_schema(config)
+        model, other = build_federated_model(schema, config), build_federated_model(schema, config)
+        received = {name: torch.randn_like(t) for name, t in federated_state(other).items()}
+        load_federated_state(model, received)
+        assert all(torch.equal(federated_state(model)[n], t) for n, t in received.items())
+        name = next(iter(received))
+        with pytest.raises(RuntimeError, match=r"missing \['"):
+            load_federated_state(model, {n: t for n, t in received.items() if n != name})
+        with pytest.raises(RuntimeError, match=r"extra \['stray'\]"):
+            load_federated_state(model, {**received, "stray": torch.zeros(1)})
+        with pytest.raises(RuntimeError, match=f"received '{name}' has shape"):
+            load_federated_state(model, {**received, name: torch.zeros(1, 2, 3)})
 
 
 def test_a_private_round_sends_only_adapters_and_head_and_leaves_the_base_frozen(

@@ -34,8 +34,8 @@ def main() -> None:
     parser.add_argument(
         "--confide-engine",
         action="store_true",
-        help="the engine as Confide runs it: 1 CPU per client, workers at niceness 0, one-pass "
-        "message dispatch (simulations/dispatch.py)",
+        help="the engine as Confide runs it: 1 CPU per client, Confide's Ray settings "
+        "(simulations/engine.py), one-pass message dispatch (simulations/dispatch.py)",
     )
     parser.add_argument("--timing-file", default="")
     parser.add_argument("--verbose", action="store_true")
@@ -82,8 +82,9 @@ def main() -> None:
     )
     if args.confide_engine:
         from simulations.dispatch import install_one_pass_dispatch
+        from simulations.engine import set_engine_environment
 
-        os.environ.setdefault("RAY_worker_niceness", "0")
+        set_engine_environment()
         install_one_pass_dispatch()
         backend_config["client_resources"] = {"num_cpus": 1.0, "num_gpus": 0.0}
     if not args.verbose:
