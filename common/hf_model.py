@@ -225,11 +225,15 @@ def build_hf_classifier(schema: Schema, config: RunConfig, pretrained: bool) -> 
 
 @lru_cache(maxsize=4)
 def hf_digest(name: str) -> str:
-    """sha256 over the checkpoint's config, weights and tokenizer files."""
+    """sha256 over the checkpoint's config, weights and tokenizer files, read in chunks: a
+    clinical BERT's weights are hundreds of megabytes."""
     directory = _installed(name)
     digest = hashlib.sha256()
     for file in ("config.json", WEIGHTS, *TOKENIZER_FILES):
         path = directory / file
         if path.is_file():
-            digest.update(file.encode() + b"\0" + path.read_bytes())
+            digest.update(file.encode() + b"\0")
+            with path.open("rb") as stream:
+                while chunk := stream.read(1 << 20):
+                    digest.update(chunk)
     return digest.hexdigest()
