@@ -25,13 +25,15 @@ from common.evaluation import evaluate
 from common.federated_model import build_federated_model
 from common.lora import load_federated_state
 from common.partition import client_split, partition_plan
+from common.privacy_audit import audit_bound
 from common.run_config import RunConfig
 from common.tasks import task_schema
+from simulations.audit import site_scores
 
 RESULTS = Path(__file__).parent / "results"
 RUN_KEYS = (
     "epsilon_lower_bound", "claimed_epsilon", "canaries", "guesses", "correct", "guess_fraction",
-    "wall_seconds", "accuracy_with_canaries", "accuracy_without",
+    "method", "steinke_bound", "wall_seconds", "accuracy_with_canaries", "accuracy_without",
 )  # fmt: skip
 
 
@@ -68,6 +70,10 @@ def audit_once(scenario: str, epsilon: float | None, kind: str, rounds: int) -> 
                 "--out", str(run_dir))  # fmt: skip
         seconds = time.perf_counter() - started
         audit = json.loads((run_dir / "audit.json").read_text())
+        config = RunConfig.from_mapping(
+            json.loads((run_dir / "metrics.json").read_text())["config"]
+        )
+        steinke = audit_bound(site_scores(config), config.target_delta, audit["confidence"])
         audited = final_accuracy(run_dir)
         confide(
             "simulate",
@@ -80,6 +86,7 @@ def audit_once(scenario: str, epsilon: float | None, kind: str, rounds: int) -> 
         )
         return {
             **audit,
+            "steinke_bound": steinke.epsilon_lower_bound,  # the same scores, one (eps, delta)
             "wall_seconds": seconds,
             "accuracy_with_canaries": audited,
             "accuracy_without": final_accuracy(run_dir / "plain"),
@@ -110,6 +117,7 @@ def main() -> None:
                     "kind": kind,
                     "bounds": bounds,
                     "claims": claims,
+                    "median_steinke_bound": statistics.median(r["steinke_bound"] for r in runs),
                     "median_tightness": statistics.median(
                         b / c for b, c in zip(bounds, claims, strict=True)
                     ),

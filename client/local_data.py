@@ -74,8 +74,12 @@ def ledger_path(config: RunConfig, node_config: Mapping[str, object], name: str)
     if LEDGER_PATH_KEY in node_config:
         return Path(str(node_config[LEDGER_PATH_KEY])).expanduser()
     if PARTITION_ID_KEY in node_config:
-        return Path(config.run_dir) / "privacy-ledgers" / f"{name}.json"
+        return simulated_ledger_path(config, name)
     return default_site_home(name) / "privacy-ledger.json"
+
+
+def simulated_ledger_path(config: RunConfig, name: str) -> Path:
+    return Path(config.run_dir) / "privacy-ledgers" / f"{name}.json"
 
 
 def site_privacy(

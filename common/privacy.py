@@ -28,6 +28,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 if TYPE_CHECKING:
     from opacus.accountants import IAccountant
 
@@ -186,7 +188,8 @@ def epsilon_of(
         return _gaussian_epsilon(1 / merged[0][0], delta)  # exact, where PRV approximates
     acct = _make_accountant(accountant)
     acct.load_state_dict({"history": merged, "mechanism": acct.mechanism()})
-    return float(acct.get_epsilon(delta=delta))
+    with np.errstate(divide="ignore"):  # Opacus' PRV takes log(1 - q): -inf at q = 1, harmless
+        return float(acct.get_epsilon(delta=delta))
 
 
 def _check_plan(sample_rate: float, steps_per_round: int, planned_rounds: int) -> None:

@@ -46,7 +46,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -485,6 +485,17 @@ class RunSummary:
     split: dict[str, float] = field(default_factory=dict)
     """Cumulative epsilon of each purpose alone (train, evaluate, count) up to this run; they
     compose to ``epsilon``, which is less than their sum."""
+
+
+def recorded_entries(path: Path) -> list[LedgerEntry]:
+    """Every entry of every data set in the ledger at `path`, oldest first within each."""
+    content = _read(Path(path))
+    return [LedgerEntry(**raw) for data in content["datasets"].values() for raw in data["entries"]]
+
+
+def dp_sgd_steps(entries: Iterable[LedgerEntry]) -> list[tuple[float, float, int]]:
+    """(Poisson rate, noise multiplier, steps) of each DP-SGD round: the plan an audit tests."""
+    return [(e.sample_rate, e.noise_multiplier, e.steps) for e in entries if e.purpose == "train"]
 
 
 def summarize(path: Path, delta: float | None = None) -> list[RunSummary]:

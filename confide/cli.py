@@ -250,7 +250,7 @@ def audit(
         raise fail(str(error)) from None
     document = result.document
     console.print(
-        f"audit ({document['kind']}): epsilon >= {document['epsilon_lower_bound']:.3f} at "
+        f"audit ({document['kind']}, {document['method']}): epsilon >= {document['epsilon_lower_bound']:.3f} at "
         f"{confidence:.0%} confidence, delta {document['delta']:g} "
         f"({document['correct']} of {document['guesses']} guesses right, "
         f"{document['canaries']} canaries)"

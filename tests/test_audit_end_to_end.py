@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from simulations.audit import DIRECTION_MEMORY, TOTAL_CANARIES, audit_scenario, trained_weights
+from simulations.scenario import load_scenario
 from tests.test_accountant_crosscheck import assert_ledger_matches_pld
 
 AUDIT_KEYS = {
@@ -32,7 +34,8 @@ def test_a_white_box_audit_of_a_dp_federation_stays_below_its_claim(tmp_path):
     assert done.returncode == 0, done.stderr
     audit = json.loads((tmp_path / "audit.json").read_text())
     assert AUDIT_KEYS <= set(audit)
-    assert audit["kind"] == "white-box-gradient" and audit["canaries"] == 4000
+    assert audit["kind"] == "white-box-gradient" and audit["canaries"] == 8000
+    assert audit["method"] == "f-dp-2025"
     assert audit["epsilon_lower_bound"] <= audit["claimed_epsilon"] <= 8.01
     report = (tmp_path / "report.md").read_text()
     assert "## Privacy audit" in report and (tmp_path / "audit_scores.png").is_file()
@@ -64,3 +67,12 @@ def test_impossible_settings_get_one_line_naming_the_fix(tmp_path: Path, args, n
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and named in lines[0], done.stderr
     assert not (tmp_path / "metrics.json").exists()
+
+
+def test_white_box_canaries_default_to_what_a_sites_memory_allows():
+    text = load_scenario("medical-text", {"dp": True})
+    capped = audit_scenario(text, None, None, 0.95).config.audit_canaries
+    assert capped == DIRECTION_MEMORY // (4 * trained_weights(text.config))
+    assert capped < TOTAL_CANARIES // 5  # medical-text has 5 sites
+    heart = audit_scenario(load_scenario("heart", {"dp": True}), None, None, 0.95)
+    assert heart.config.audit_canaries == TOTAL_CANARIES // 4

@@ -15,8 +15,8 @@ from client.dp_optimizer import FlatPrivacyEngine
 from client.private_training import SitePrivacy, train_privately
 from common.model_factory import build_model
 from common.partition import client_split
-from common.privacy_audit import AuditBound, SiteScores, audit_bound
-from common.privacy_ledger import PrivacyLedger
+from common.privacy_audit import STEINKE, TRADEOFF, AuditBound, SiteScores, audit_bound
+from common.privacy_ledger import PrivacyLedger, dp_sgd_steps
 from common.run_config import RunConfig
 from common.site_policy import SitePolicy
 from common.tasks import task_schema
@@ -63,7 +63,8 @@ def audit_one_site(tmp_path: Path, seed: int = 0, **settings: object) -> tuple[A
         arrays = model.state_dict()
     rounds = read_audit_file(audit_file(config, split.name))["rounds"].values()
     scores = SiteScores(split.name, np.sum(list(rounds), axis=0), audit.plan.included())
-    return audit_bound([scores], config.target_delta, 0.95), private.epsilon_total
+    plans = [dp_sgd_steps(ledger.entries())]
+    return audit_bound([scores], config.target_delta, 0.95, plans), private.epsilon_total
 
 
 def test_without_real_noise_the_audit_proves_epsilon_at_least_4(tmp_path):
@@ -71,6 +72,7 @@ def test_without_real_noise_the_audit_proves_epsilon_at_least_4(tmp_path):
         tmp_path, **{"noise-multiplier": 0.05, "accountant": "rdp", "target-epsilon": 1e7}
     )
     assert bound.epsilon_lower_bound >= 4, bound
+    assert bound.method == STEINKE  # noise far below a curve worth testing
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -80,6 +82,7 @@ def test_correct_dp_sgd_stays_below_its_claim(tmp_path, epsilon, seed):
     bound, claimed = audit_one_site(tmp_path, seed, **settings)
     assert claimed == pytest.approx(epsilon, abs=0.01)
     assert bound.epsilon_lower_bound <= claimed, bound
+    assert bound.method == TRADEOFF
 
 
 def test_noise_cut_tenfold_behind_the_ledgers_back_is_caught(tmp_path, monkeypatch):
