@@ -5,9 +5,12 @@ records them (Poisson rate, noise multiplier, count), replayed with ideal white-
 scored before), and guessed on several grids under the same union bound.
 
     .venv/bin/python -m bench.audit_ceiling RUN_DIR --canaries 1000 4000 10000 --seeds 8
+    .venv/bin/python -m bench.audit_ceiling RUN_DIR --tradeoff --canaries 4000 8000 16000
 
 RUN_DIR is a `confide audit` run (its privacy-ledgers/); results land in
-bench/results/audit-guess-grid.md.
+bench/results/audit-guess-grid.md, or with --tradeoff (the sites' DP-SGD curve tested,
+common/tradeoff_audit.py, beside the (epsilon, delta) test on the same likelihood-ratio scores)
+in bench/results/audit-fdp.md.
 """
 
 from __future__ import annotations
@@ -21,11 +24,20 @@ from pathlib import Path
 
 import numpy as np
 
-from common.privacy_audit import GUESS_FRACTIONS, SiteScores, epsilon_lower_bound
+from common.privacy_audit import (
+    GUESS_FRACTIONS,
+    TRADEOFF_GUESS_FRACTIONS,
+    SiteScores,
+    audit_bound,
+    epsilon_lower_bound,
+    pooled_guesses,
+)
+from common.tradeoff_audit import ClaimFamily, lower_bound
 
 RESULTS = Path(__file__).parent / "results"
 Steps = list[tuple[float, float]]  # (Poisson rate, noise multiplier), one per DP-SGD step
 Shares = Sequence[tuple[float, float]]  # (share guessed in, share guessed out) per test
+TRADEOFF_SHARES = {"5, 10% (default)": TRADEOFF_GUESS_FRACTIONS, "5-40%": GUESS_FRACTIONS}
 GRIDS: dict[str, Shares] = {
     "previous (5-90%)": [(f / 2, f / 2) for f in (0.05, 0.15, 0.4, 0.9)],
     "default (5-40%)": [(f / 2, f / 2) for f in GUESS_FRACTIONS],
@@ -79,20 +91,42 @@ def best_bound(sites: list[SiteScores], shares: Shares, delta: float) -> float:
     return best
 
 
-def ceiling(
-    sites: dict[str, Steps], canaries: int, seed: int, delta: float
-) -> dict[tuple[str, str], float]:
-    """One replayed run: the bound of every score and grid."""
+def replayed_run(
+    sites: dict[str, Steps], canaries: int, seed: int
+) -> list[tuple[str, np.ndarray, dict[str, np.ndarray]]]:
+    """Every site's canaries through its DP-SGD steps: (site, included, scores)."""
     rng = np.random.default_rng(seed)
     per_site = canaries // len(sites)
     replayed = []
     for name, steps in sites.items():
         included = rng.random(per_site) < 0.5
         replayed.append((name, included, replay(steps, included, rng)))
+    return replayed
+
+
+def ceiling(
+    sites: dict[str, Steps], canaries: int, seed: int, delta: float
+) -> dict[tuple[str, str], float]:
+    """One replayed run: the bound of every score and grid."""
+    replayed = replayed_run(sites, canaries, seed)
     results = {}
     for score, (grid, shares) in itertools.product(("likelihood ratio", "sum"), GRIDS.items()):
         scored = [SiteScores(name, s[score], inc) for name, inc, s in replayed]
         results[(score, grid)] = best_bound(scored, shares, delta)
+    return results
+
+
+def tradeoff_ceiling(
+    sites: dict[str, Steps], canaries: int, seed: int, family: ClaimFamily
+) -> dict[tuple[str, str], float]:
+    """One replayed run, likelihood-ratio scores: the f-DP bound with each share set, and the
+    default (epsilon, delta) test on the same scores."""
+    replayed = replayed_run(sites, canaries, seed)
+    scored = [SiteScores(name, s["likelihood ratio"], inc) for name, inc, s in replayed]
+    results = {("f-DP", label): lower_bound(
+        family, canaries, [pooled_guesses(scored, f) for f in fractions], 0.95
+    ).epsilon_lower_bound for label, fractions in TRADEOFF_SHARES.items()}  # fmt: skip
+    results[("Steinke", "5-40%")] = audit_bound(scored, family.delta, 0.95).epsilon_lower_bound
     return results
 
 
@@ -103,7 +137,7 @@ def summary(bounds: list[float], claim: float) -> str:
 
 def table(rows: dict[tuple[int, str, str], list[float]], claim: float) -> str:
     lines = [
-        "| canaries | score | guess grid | median bound | range | median / claim |",
+        "| canaries | score or test | guess grid | median bound | range | median / claim |",
         "| ---: | --- | --- | ---: | --- | ---: |",
     ]
     lines += [
@@ -119,12 +153,21 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--claim", type=float, default=8.0)
+    parser.add_argument("--tradeoff", action="store_true", help="the f-DP test against Steinke's")
     arguments = parser.parse_args()
     sites = ledger_steps(arguments.run_dir)
+    family = ClaimFamily(
+        [[(q, sigma, 1) for q, sigma in s] for s in sites.values()], arguments.delta
+    )
     rows: dict[tuple[int, str, str], list[float]] = {}
     for canaries, seed in itertools.product(arguments.canaries, range(arguments.seeds)):
-        for (score, grid), bound in ceiling(sites, canaries, seed, arguments.delta).items():
-            rows.setdefault((canaries, score, grid), []).append(bound)
+        if arguments.tradeoff:
+            bounds = tradeoff_ceiling(sites, canaries, seed, family)
+        else:
+            bounds = ceiling(sites, canaries, seed, arguments.delta)
+        for (test, grid), bound in bounds.items():
+            rows.setdefault((canaries, test, grid), []).append(bound)
+            print(canaries, seed, test, grid, round(bound, 3), flush=True)
     steps = ", ".join(f"{name} {len(s)} steps at q {s[0][0]:.3g}, sigma {s[0][1]:.3g}"
                       for name, s in sites.items())  # fmt: skip
     text = (
@@ -134,7 +177,7 @@ def main() -> None:
         f"{table(rows, arguments.claim)}\n"
     )
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "audit-guess-grid.md").write_text(text)
+    (RESULTS / ("audit-fdp.md" if arguments.tradeoff else "audit-guess-grid.md")).write_text(text)
     print(text)
 
 

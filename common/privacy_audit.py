@@ -44,7 +44,7 @@ each) did worse."""
 TRADEOFF_GUESS_FRACTIONS = (0.05, 0.1)
 """The shares tried against the sites' DP-SGD curves: the f-DP test gains most from the surest
 guesses, and fewer tests mean a milder Bonferroni correction (heart at epsilon 8, 8,000
-canaries, ideal replays: 0.59 of the claim against 0.50 with the four shares above;
+canaries, ideal replays: 0.59 of the claim against 0.55 with the four shares above;
 bench/results/audit-fdp.md)."""
 
 STEINKE = "steinke-2023"
