@@ -157,7 +157,7 @@ def main() -> None:
     arguments = parser.parse_args()
     sites = ledger_steps(arguments.run_dir)
     family = ClaimFamily(
-        [[(q, sigma, 1) for q, sigma in s] for s in sites.values()], arguments.delta
+        [[(sigma, q, 1) for q, sigma in s] for s in sites.values()], arguments.delta
     )
     rows: dict[tuple[int, str, str], list[float]] = {}
     for canaries, seed in itertools.product(arguments.canaries, range(arguments.seeds)):

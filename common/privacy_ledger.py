@@ -493,9 +493,9 @@ def recorded_entries(path: Path) -> list[LedgerEntry]:
     return [LedgerEntry(**raw) for data in content["datasets"].values() for raw in data["entries"]]
 
 
-def dp_sgd_steps(entries: Iterable[LedgerEntry]) -> list[tuple[float, float, int]]:
-    """(Poisson rate, noise multiplier, steps) of each DP-SGD round: the plan an audit tests."""
-    return [(e.sample_rate, e.noise_multiplier, e.steps) for e in entries if e.purpose == "train"]
+def dp_sgd_steps(entries: Iterable[LedgerEntry]) -> list[HistoryEntry]:
+    """The accountant's history of the DP-SGD rounds alone: the plan an audit tests."""
+    return [entry.history_entry for entry in entries if entry.purpose == "train"]
 
 
 def summarize(path: Path, delta: float | None = None) -> list[RunSummary]:

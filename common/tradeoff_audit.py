@@ -33,14 +33,18 @@ from dataclasses import dataclass, field
 import numpy as np
 from dp_accounting.pld import privacy_loss_distribution
 
-Steps = Sequence[tuple[float, float, int]]
-"""One site's DP-SGD, as its ledger records it: (Poisson rate, noise multiplier, steps) runs."""
+from common.privacy import HistoryEntry
+
+Steps = Sequence[HistoryEntry]
+"""One site's DP-SGD as its ledger records it, in the accountant's form: (noise multiplier,
+Poisson rate, steps) runs."""
 
 MIN_NOISE_MULTIPLIER = 0.5
 """Below this the curves cost seconds to tens of seconds each (the privacy loss spreads over
 thousands of buckets) and say little Steinke's test does not: such plans keep his test."""
 
 EPSILON_GRID = np.linspace(0.0, 40.0, 1601)
+LIFTED_GRID = np.exp(EPSILON_GRID)
 DISCRETIZATION = 1e-3  # coarser than the accountant's 1e-4: pessimistic, and ten times faster
 SCALE_RANGE = (0.25, 64.0)
 BISECTION_STEPS = 10  # the scale to within 0.5%
@@ -50,7 +54,7 @@ def applies(sites: Sequence[Steps]) -> bool:
     """Whether every site trained with DP-SGD noisy enough to test its curve. Decided from the
     plan alone, before any score is seen, so choosing the test costs no confidence."""
     return bool(sites) and all(
-        steps and all(sigma >= MIN_NOISE_MULTIPLIER for _, sigma, _ in steps) for steps in sites
+        steps and all(sigma >= MIN_NOISE_MULTIPLIER for sigma, _, _ in steps) for steps in sites
     )
 
 
@@ -60,15 +64,15 @@ def _loss_distribution(
     """One site's privacy loss, runs of the same (rate, noise) composed at once: a federation
     repeats one plan every round."""
     counts: Counter[tuple[float, float]] = Counter()
-    for rate, sigma, count in steps:
-        counts[rate, sigma] += count
+    for sigma, rate, count in steps:
+        counts[sigma, rate] += count
     distributions = [
         privacy_loss_distribution.from_gaussian_mechanism(
             standard_deviation=sigma * scale,
             sampling_prob=rate,
             value_discretization_interval=DISCRETIZATION,
         ).self_compose(count)
-        for (rate, sigma), count in counts.items()
+        for (sigma, rate), count in counts.items()
     ]
     return functools.reduce(lambda a, b: a.compose(b), distributions)
 
@@ -85,9 +89,8 @@ class Claim:
     def false_negative_floor(self, alpha: float) -> float:
         """f(alpha): the least false-negative rate at false-positive rate alpha that an
         (epsilon, delta(epsilon))-DP mechanism allows, for every epsilon on the grid at once."""
-        lifted = np.exp(EPSILON_GRID)
-        one_side = 1 - self.deltas - lifted * alpha
-        other_side = (1 - self.deltas - alpha) / lifted
+        one_side = 1 - self.deltas - LIFTED_GRID * alpha
+        other_side = (1 - self.deltas - alpha) / LIFTED_GRID
         return float(np.clip(max(one_side.max(), other_side.max()), 0.0, 1.0))
 
 
@@ -155,15 +158,17 @@ def lower_bound(
         return -1
 
     low, high = SCALE_RANGE
-    if refuting_test(high) < 0:
+    test = refuting_test(high)
+    if test < 0:
         return TradeoffBound(0.0, 0.0, -1)
-    if refuting_test(low) < 0:
-        for _ in range(BISECTION_STEPS):  # refuted at high, not at low
-            middle = math.sqrt(low * high)
-            if refuting_test(middle) < 0:
-                low = middle
-            else:
-                high = middle
-    else:
-        high = low  # refuted even at a quarter of the noise: report that, the largest we test
-    return TradeoffBound(family.at(high).epsilon, high, refuting_test(high))
+    at_low = refuting_test(low)
+    if at_low >= 0:  # refuted even at a quarter of the noise: report that, the largest we test
+        return TradeoffBound(family.at(low).epsilon, low, at_low)
+    for _ in range(BISECTION_STEPS):  # refuted at high, not at low
+        middle = math.sqrt(low * high)
+        at_middle = refuting_test(middle)
+        if at_middle < 0:
+            low = middle
+        else:
+            high, test = middle, at_middle
+    return TradeoffBound(family.at(high).epsilon, high, test)

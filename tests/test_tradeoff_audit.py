@@ -12,9 +12,9 @@ from scipy import stats
 from common.privacy_audit import SiteScores, audit_bound, guess, pooled_guesses
 from common.tradeoff_audit import ClaimFamily, applies, claim, lower_bound, refutes
 
-# One hospital's q, sigma and steps that the PRV accountant puts at epsilon 8 and at epsilon 1
-HEART_AT_EIGHT = [(0.25, 1.5735, 80)]
-HEART_AT_ONE = [(0.25, 8.5938, 80)]
+# One hospital's sigma, q and steps that the PRV accountant puts at epsilon 8 and at epsilon 1
+HEART_AT_EIGHT = [(1.5735, 0.25, 80)]
+HEART_AT_ONE = [(8.5938, 0.25, 80)]
 
 
 def gaussian_floor(mu: float):
@@ -24,7 +24,7 @@ def gaussian_floor(mu: float):
 
 def test_one_unsampled_gaussian_step_gives_the_gaussian_curve():
     sigma = 0.8  # one step, rate 1: mu = 1 / sigma
-    curve = claim([[(1.0, sigma, 1)]], 1.0, 1e-5)
+    curve = claim([[(sigma, 1.0, 1)]], 1.0, 1e-5)
     exact = gaussian_floor(1 / sigma)
     for alpha in (0.001, 0.01, 0.1, 0.3, 0.6):
         assert curve.false_negative_floor(alpha) <= exact(alpha) + 1e-3  # never claims more
@@ -68,7 +68,7 @@ def replayed_scores(steps, canaries: int, noise_cut: float, rng: np.random.Gener
     ledger's sigma (client/canaries.py)."""
     included = rng.random(canaries) < 0.5
     scores = np.zeros(canaries)
-    for rate, sigma, count in steps:
+    for sigma, rate, count in steps:
         for _ in range(count):
             drawn = included & (rng.random(canaries) < rate)
             x = drawn + sigma / noise_cut * rng.standard_normal(canaries)
@@ -90,7 +90,7 @@ def test_replayed_dp_sgd_stays_below_its_claim_and_a_tenfold_noise_cut_is_caught
 
 
 def test_the_curve_is_tested_only_when_every_site_trained_with_real_noise():
-    assert applies([HEART_AT_EIGHT, [(0.1, 0.5, 10)]])
+    assert applies([HEART_AT_EIGHT, [(0.5, 0.1, 10)]])
     assert not applies([HEART_AT_EIGHT, []])  # a site without DP-SGD: no curve to test
-    assert not applies([[(0.25, 0.05, 80)]])  # almost no noise: Steinke's test
+    assert not applies([[(0.05, 0.25, 80)]])  # almost no noise: Steinke's test
     assert not applies([])
