@@ -48,7 +48,7 @@ from common.partition import ClientSplit, partition_plan
 from common.pretrained_checkpoint import InitCheckpointError
 from common.privacy import PrivacyConfigError
 from common.privacy_ledger import BudgetExhausted, LedgerEntry, LedgerError
-from common.received_weights import torch_state_dict
+from common.received_weights import LastDecoded
 from common.run_config import RunConfig, cached_run_config
 from common.schema import Schema
 from common.site_policy import REFUSED, PolicyError, PolicyRefusal, SitePolicy, check_request
@@ -84,13 +84,16 @@ def _worker_model(config: RunConfig) -> torch.nn.Module:
     return build_federated_model(_worker_schema(config), config)
 
 
+_received_weights = LastDecoded()  # a worker's clients of a round all receive one global model
+
+
 def _received_model(msg: Message, config: RunConfig, fresh: bool = False) -> torch.nn.Module:
     """The received weights in this worker's model; `fresh` for DP-SGD, because Opacus adds its
     hooks to the module it wraps and a reused module would collect them round after round."""
     model = (
         build_federated_model(_worker_schema(config), config) if fresh else _worker_model(config)
     )
-    load_federated_state(model, torch_state_dict(msg.content["arrays"]))
+    load_federated_state(model, _received_weights(msg.content["arrays"]))
     return model
 
 

@@ -37,6 +37,31 @@ def torch_state_dict(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return {name: torch.from_numpy(ndarray(array, name)) for name, array in record.items()}
 
 
+class LastDecoded:
+    """`torch_state_dict` of the last record, decoded again only when a record differs from it in
+    a name, a declaration (types included: 32.0 == 32) or a byte: a simulation worker receives the
+    same global model from every client it serves in a round (500 copies at 1,000 clients on 2
+    cores), and decoding its 40 tensors cost as much as copying them into the model (0.2 ms, twice
+    per client-round). The tensors are shared between calls: copy from them, never into them."""
+
+    def __init__(self) -> None:
+        self._key: tuple[tuple[object, ...], ...] = ()
+        self._tensors: dict[str, torch.Tensor] = {}
+
+    def __call__(self, record: ArrayRecord) -> dict[str, torch.Tensor]:
+        if not all(type(array.data) is bytes for array in record.values()):
+            return torch_state_dict(record)  # refuses it, naming the array
+        key = tuple(
+            (name, array.stype, type(array.dtype), array.dtype,
+             tuple(map(type, array.shape)), tuple(array.shape), array.data)
+            for name, array in record.items()
+        )  # fmt: skip
+        if not key or key != self._key:
+            self._tensors = torch_state_dict(record)  # raises before the key is kept
+            self._key = key
+        return self._tensors
+
+
 @lru_cache(maxsize=4096)
 def npy_header(dtype: np.dtype, shape: tuple[int, ...], fortran_order: bool = False) -> bytes:
     """The exact header `np.save` writes for this dtype and shape (cached: models repeat them)."""
