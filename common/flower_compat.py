@@ -6,7 +6,8 @@ Flower 1.42 has no public API for these:
   ServerApp an empty run config (simulations/engine.py);
 - the simulation's message dispatch (`vce_api.add_messages_to_queue`) and the in-memory
   LinkState's message check (`_check_stored_messages`), replaced for speed
-  (simulations/dispatch.py);
+  (simulations/dispatch.py), and its map of stored replies, which the coordinator reads to pull
+  only answered messages (server/incoming.py);
 - the SuperLink's hard-coded SQLite lock wait (`sql_mixin.SQLITE_PRAGMAS`) and the `uvicorn.run`
   call through which `flower-superlink` serves its HTTP app
   (server/coordinator/superlink_launcher.py), and the console log handler of both launchers.
@@ -159,6 +160,15 @@ def simulation_message_store(state: object) -> SimulationMessageStore | None:
     ):
         return SimulationMessageStore(state)
     return None
+
+
+def stored_replies(state: object) -> Mapping[str, str] | None:
+    """Message id -> its reply's id, for the replies Flower's InMemoryLinkState holds; None for
+    any other state (or one without that map). Read it without the lock for membership only."""
+    from flwr.server.superlink.linkstate import InMemoryLinkState
+
+    replies = getattr(state, "message_ins_id_to_message_res_id", None)
+    return replies if isinstance(state, InMemoryLinkState) and isinstance(replies, dict) else None
 
 
 # ------------------------------------------------------------------------ SuperLink, SuperNode

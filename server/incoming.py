@@ -21,10 +21,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 from flwr.superlink.grid import InMemoryGrid
 
+from common.flower_compat import stored_replies
 from common.received_weights import ndarray
 
 WEIGHT_KEY = "num-examples"  # screened on every update (server/update_validation.py)
 MEAN_STRATEGIES = (FedAvg, FedProx)  # exactly these types: a subclass may aggregate otherwise
+FULL_PULL_EVERY = 10  # polls of 0.1 s: every pending message asked about once a second
 
 
 def replies_as_they_arrive(
@@ -39,13 +41,25 @@ def replies_as_they_arrive(
 
 
 def _pulled(grid: InMemoryGrid, messages: list[Message], timeout: float) -> Iterator[Message]:
-    """InMemoryGrid.send_and_receive's loop, yielding instead of collecting."""
+    """InMemoryGrid.send_and_receive's loop, yielding instead of collecting, and asking the
+    LinkState only about answered messages between full pulls. Flower's `pull_messages` checks
+    every message it is asked about, several passes in Python under the LinkState's lock: asked
+    about all pending ones every 0.1 s, that cost 0.6 ms per client-round at 1,000 clients,
+    growing with the round's length. A full pull once a second still brings the replies the
+    LinkState makes up itself (a message expired, its node gone), a second later at most."""
     pending = set(grid.push_messages(messages))
+    answered = stored_replies(getattr(grid, "state", None))
     deadline = time.time() + timeout
+    polls = 0
     while pending and time.time() < deadline:
-        replies = list(grid.pull_messages(pending))
+        if answered is None or polls % FULL_PULL_EVERY == 0:
+            asked = pending
+        else:
+            asked = {message_id for message_id in pending if message_id in answered}
+        replies = list(grid.pull_messages(asked)) if asked else []
         pending.difference_update(reply.metadata.reply_to_message_id for reply in replies)
         yield from replies
+        polls += 1
         if pending:
             time.sleep(grid.pull_interval)
 

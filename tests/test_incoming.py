@@ -25,7 +25,7 @@ from flwr.superlink.grid import InMemoryGrid
 from client.app import app as client_app
 from server.app import update_policy
 from server.federation import Quorum, collect_updates
-from server.incoming import RunningMean, folds_mean, replies_as_they_arrive
+from server.incoming import FULL_PULL_EVERY, RunningMean, folds_mean, replies_as_they_arrive
 from server.strategy_choice import build_strategy
 from tests.local_grid import LocalGrid
 from tests.test_federation import HOSPITALS, heart_config, initial_arrays
@@ -110,6 +110,48 @@ def test_flowers_in_memory_grid_still_answers_through_the_loop_it_mirrors() -> N
     source = inspect.getsource(InMemoryGrid.send_and_receive)
     assert all(name in source for name in ("push_messages", "pull_messages", "pull_interval"))
     assert inspect.signature(InMemoryGrid.__init__).parameters["pull_interval"].default == 0.1
+
+
+class AnsweredPulls(InMemoryGrid):
+    """A simulation's grid over Flower's in-memory LinkState, whose replies arrive one per pull."""
+
+    def __init__(self, replies: int) -> None:
+        from flwr.server.superlink.linkstate import InMemoryLinkState
+        from flwr.supercore.object_store import ObjectStoreFactory
+        from flwr.superlink.federation import NoOpFederationManager
+
+        self.state = InMemoryLinkState(NoOpFederationManager(), ObjectStoreFactory().store())
+        self.pull_interval = 0.0
+        self.replies, self.asked = replies, []
+
+    def push_messages(self, messages):
+        return [str(i) for i, _ in enumerate(messages)]
+
+    def pull_messages(self, message_ids):
+        self.asked.append(set(message_ids))
+        found = sorted(set(message_ids) & set(self.state.message_ins_id_to_message_res_id))
+        if len(self.asked) <= self.replies:  # the next reply lands in the LinkState
+            self.state.message_ins_id_to_message_res_id[str(len(self.asked) - 1)] = "reply"
+        replies = []
+        for message_id in found:
+            reply = update(int(message_id), 1)
+            reply.metadata.__dict__["_reply_to_message_id"] = message_id
+            del self.state.message_ins_id_to_message_res_id[message_id]
+            replies.append(reply)
+        return replies
+
+
+def test_between_full_pulls_the_link_state_is_asked_about_answered_messages_only() -> None:
+    messages = [update(i, 1) for i in range(FULL_PULL_EVERY + 5)]
+    grid = AnsweredPulls(replies=len(messages))
+    replies = list(replies_as_they_arrive(grid, messages, timeout=60))
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == sorted(
+        str(i) for i in range(len(messages))
+    )
+    everyone = {str(i) for i in range(len(messages))}
+    assert grid.asked[0] == everyone  # the first pull asks about every message
+    assert grid.asked[FULL_PULL_EVERY] <= everyone and len(grid.asked[FULL_PULL_EVERY]) > 1
+    assert all(len(asked) == 1 for asked in grid.asked[1:FULL_PULL_EVERY])  # the one answered
 
 
 def test_a_lost_reply_is_waited_for_until_the_timeout_only() -> None:

@@ -137,6 +137,19 @@ def test_the_in_memory_link_state_exposes_its_store_and_check() -> None:
     assert flower_compat.simulation_message_store(object()) is None
 
 
+def test_the_in_memory_link_state_finds_replies_through_the_map_the_coordinator_reads() -> None:
+    from flwr.server.superlink.linkstate import InMemoryLinkState
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.superlink.federation import NoOpFederationManager
+
+    assert "message_ins_id_to_message_res_id" in inspect.getsource(
+        InMemoryLinkState.get_message_res
+    )
+    state = InMemoryLinkState(NoOpFederationManager(), ObjectStoreFactory().store())
+    assert flower_compat.stored_replies(state) is state.message_ins_id_to_message_res_id
+    assert flower_compat.stored_replies(object()) is None
+
+
 def test_a_replaced_dispatch_is_what_the_engine_calls(monkeypatch) -> None:
     from flwr.server.superlink.fleet.vce import vce_api
 
