@@ -8,6 +8,8 @@ Flower 1.42 has no public API for these:
   LinkState's message check (`_check_stored_messages`), replaced for speed
   (simulations/dispatch.py), and its map of stored replies, which the coordinator reads to pull
   only answered messages (server/incoming.py);
+- the fields an `Array` holds once built, set directly for arrays this process encoded itself
+  (common/packed_arrays.py);
 - the SuperLink's hard-coded SQLite lock wait (`sql_mixin.SQLITE_PRAGMAS`) and the `uvicorn.run`
   call through which `flower-superlink` serves its HTTP app
   (server/coordinator/superlink_launcher.py), and the console log handler of both launchers.
@@ -28,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from common.library_versions import LibraryVersionError, require_version, version_problem
 
 if TYPE_CHECKING:  # Flower (and with it Ray and SQLAlchemy) loads only when it is needed
-    from flwr.app import Context
+    from flwr.app import Array, Context
     from flwr.supercore.run import Run
 
 FLWR_SERIES = "1.42."
@@ -169,6 +171,17 @@ def stored_replies(state: object) -> Mapping[str, str] | None:
 
     replies = getattr(state, "message_ins_id_to_message_res_id", None)
     return replies if isinstance(state, InMemoryLinkState) and isinstance(replies, dict) else None
+
+
+def declared_array(dtype: str, shape: tuple[int, ...], stype: str, data: bytes) -> Array:
+    """`Array(dtype, shape, stype, data)` as Flower's constructor leaves it, without its
+    argument parsing: 6 us an array, 40 arrays in every reply of a simulation worker. Only for
+    fields this process made itself (text dtype, tuple of ints, bytes)."""
+    from flwr.app import Array
+
+    array = Array.__new__(Array)
+    array.__dict__.update(_is_dirty=True, dtype=dtype, shape=shape, stype=stype, data=data)
+    return array
 
 
 # ------------------------------------------------------------------------ SuperLink, SuperNode

@@ -13,6 +13,7 @@ federation exchanges only those (`federated_state`) and each side rebuilds the b
 from __future__ import annotations
 
 from collections.abc import Mapping
+from weakref import WeakKeyDictionary
 
 import torch
 from torch import Tensor, nn
@@ -90,6 +91,7 @@ def add_lora(model: nn.Module, config: RunConfig) -> nn.Module:
             setattr(parent, attribute, LoRALinear(base, config.lora_rank, config.lora_alpha))
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(_travels(name))
+    _SLOTS.pop(model, None)  # its modules changed
     return model
 
 
@@ -97,13 +99,41 @@ def uses_lora(model: nn.Module) -> bool:
     return any(isinstance(module, LoRALinear) for module in model.modules())
 
 
+# Where each travelling tensor lives: (name, its module's parameter or buffer dict, key). Read
+# through the dict, so a tensor replaced in place (`to(device)`) is still found; `add_lora`, the
+# only code that swaps a built model's modules, forgets the model's entry.
+Slot = tuple[str, dict[str, Tensor | None], str]
+_SLOTS: WeakKeyDictionary[nn.Module, tuple[Slot, ...]] = WeakKeyDictionary()
+
+
+def _slots(model: nn.Module) -> tuple[Slot, ...]:
+    """`federated_state`'s names and places, found once per model: `state_dict` walks every
+    submodule and copies every tensor's handle on each call (0.1 ms, three times per client-round
+    in a simulation worker)."""
+    if (slots := _SLOTS.get(model)) is None:
+        lora = uses_lora(model)
+        found = []
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            if lora and not _travels(name):
+                continue
+            owner_name, _, key = name.rpartition(".")
+            owner = model.get_submodule(owner_name)
+            held = owner._parameters if key in owner._parameters else owner._buffers
+            assert held[key] is tensor, f"'{name}' is not where state_dict found it"
+            found.append((name, held, key))
+        slots = _SLOTS[model] = tuple(found)
+    return slots
+
+
+def _live_tensors(model: nn.Module) -> dict[str, Tensor]:
+    return {name: held[key] for name, held, key in _slots(model)}  # type: ignore[misc]
+
+
 def federated_state(model: nn.Module) -> dict[str, Tensor]:
     """The tensors the federation sends, screens, aggregates and checkpoints: with LoRA, the
-    adapters and the head only; without, every tensor (as before LoRA existed)."""
-    state = model.state_dict()
-    if not uses_lora(model):
-        return state
-    return {name: tensor for name, tensor in state.items() if _travels(name)}
+    adapters and the head only; without, every tensor (as before LoRA existed). Detached, as
+    `state_dict` gives them."""
+    return {name: tensor.detach() for name, tensor in _live_tensors(model).items()}
 
 
 def load_federated_state(model: nn.Module, state: Mapping[str, Tensor]) -> None:
@@ -113,7 +143,7 @@ def load_federated_state(model: nn.Module, state: Mapping[str, Tensor]) -> None:
     Copies into the model's own tensors, as `load_state_dict` does, without its walk over every
     submodule and hook: a third of a millisecond per load, paid twice per client-round by a
     simulation worker (train, evaluate)."""
-    targets = federated_state(model)
+    targets = _live_tensors(model)
     if state.keys() != targets.keys():
         missing = sorted(set(targets) - set(state))[:3]
         extra = sorted(set(state) - set(targets))[:3]

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
+from common.flower_compat import declared_array
 from common.received_weights import NUMPY_STYPE, ReceivedArrayError, ndarray, npy_header
 
 PACKED_KEY = "confide.packed"
@@ -54,7 +55,7 @@ def npy_array(dtype: np.dtype, shape: tuple[int, ...], data: bytes) -> Array:
     """An Array holding `data` (C order) as `np.save` writes it, from the cached header: Flower's
     `Array(ndarray)` runs `np.save` into a BytesIO per array: 0.6 ms for the 40 tensors of a
     reply (BENCHMARKS.md, "Confide's own cost per client-round")."""
-    return Array(dtype_text(dtype), shape, NUMPY_STYPE, npy_header(dtype, shape) + data)
+    return declared_array(dtype_text(dtype), shape, NUMPY_STYPE, npy_header(dtype, shape) + data)
 
 
 @lru_cache(maxsize=64)

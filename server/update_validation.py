@@ -79,7 +79,7 @@ def screen_update(
         missing = sorted(set(global_arrays) - set(update))[:3]
         extra = sorted(set(update) - set(global_arrays))[:3]
         return f"parameter names differ from the global model (missing {missing}, extra {extra})"
-    if reference is None:
+    if reference is None and policy.max_update_norm > 0:
         reference = global_values(global_arrays)
     deltas = {}
     for name, expected in global_arrays.items():
@@ -95,7 +95,8 @@ def screen_update(
             return str(error)
         if not np.isfinite(values).all():
             return f"'{name}' holds NaN or infinite values"
-        deltas[name] = values.astype(np.float64) - reference[name]
+        if policy.max_update_norm > 0:
+            deltas[name] = values.astype(np.float64) - reference[name]
 
     if policy.max_update_norm <= 0:
         return None

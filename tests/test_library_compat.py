@@ -11,6 +11,7 @@ import threading
 from queue import Queue
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import Context, RecordDict
@@ -148,6 +149,17 @@ def test_the_in_memory_link_state_finds_replies_through_the_map_the_coordinator_
     state = InMemoryLinkState(NoOpFederationManager(), ObjectStoreFactory().store())
     assert flower_compat.stored_replies(state) is state.message_ins_id_to_message_res_id
     assert flower_compat.stored_replies(object()) is None
+
+
+def test_a_declared_array_is_the_array_flowers_constructor_builds() -> None:
+    from flwr.app import Array, ArrayRecord
+
+    values = np.arange(6, dtype=np.float32).reshape(2, 3)
+    flowers = Array(values)
+    ours = flower_compat.declared_array(flowers.dtype, flowers.shape, flowers.stype, flowers.data)
+    assert vars(ours) == vars(flowers) and ours == flowers
+    assert np.array_equal(ours.numpy(), values)
+    assert ArrayRecord({"w": ours}).object_id == ArrayRecord({"w": flowers}).object_id
 
 
 def test_a_replaced_dispatch_is_what_the_engine_calls(monkeypatch) -> None:

@@ -117,6 +117,22 @@ def test_loading_is_strict_about_names_and_shapes_with_lora_or_without() -> None
             load_federated_state(model, {**received, name: torch.zeros(1, 2, 3)})
 
 
+def test_the_federated_tensors_are_the_models_own_after_one_is_replaced() -> None:
+    """The places found once per model stay right when a tensor object is swapped, as
+    `to(device)` does, and when add_lora swaps modules after the model was read once."""
+    model = text_model()
+    assert list(federated_state(model)) == list(model.state_dict())
+    model.head.weight = torch.nn.Parameter(torch.zeros_like(model.head.weight))
+    received = {name: torch.randn_like(t) for name, t in federated_state(model).items()}
+    load_federated_state(model, received)
+    assert all(torch.equal(model.state_dict()[n], t) for n, t in received.items())
+    assert federated_state(model)["head.weight"].data_ptr() == model.head.weight.data_ptr()
+    adapted = add_lora(model, config_of(task="banking77", lora_rank=2))
+    assert set(federated_state(adapted)) == {
+        name for name, p in adapted.named_parameters() if p.requires_grad
+    }
+
+
 def test_a_private_round_sends_only_adapters_and_head_and_leaves_the_base_frozen(
     tmp_path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
