@@ -170,12 +170,20 @@ class Federation:
             return {}
 
     def start_coordinator(self) -> None:
+        self.launch_coordinator()
+        self.wait_for_coordinator()
+
+    def launch_coordinator(self) -> None:
+        """Start it without waiting: a test can prepare its sites while it boots."""
         self.coordinator = Background(
             ["coordinator", "start", "--certs", str(self.certs.root), "--state", str(self.state),
              "--host", "127.0.0.1", "--port", str(self.port)],
             self.root / "coordinator.log",
         )  # fmt: skip
+
+    def wait_for_coordinator(self) -> None:
         coordinator = self.coordinator
+        assert coordinator is not None, "launch_coordinator() first"
 
         def ready() -> bool:  # this process's status: a killed predecessor's file says "ready" too
             status = self.status()

@@ -39,13 +39,14 @@ def write_bank_file(path: Path, rows: int = 600) -> Path:
 @pytest.mark.slow
 def test_a_custom_schema_federation_is_one_command_on_the_coordinator(tmp_path):
     require_nginx()
-    data = write_bank_file(tmp_path / "bank-own.csv")
-    schema = tmp_path / "bank.schema.toml"
-    inferred = confide("schema", "infer", str(data), "--label", "y", "--out", str(schema))
-    assert inferred.returncode == 0, inferred.stderr
     fed = make_federation(tmp_path)
     try:
-        fed.start_coordinator()
+        fed.launch_coordinator()  # the bank prepares its file and schema while it boots
+        data = write_bank_file(tmp_path / "bank-own.csv")
+        schema = tmp_path / "bank.schema.toml"
+        inferred = confide("schema", "infer", str(data), "--label", "y", "--out", str(schema))
+        assert inferred.returncode == 0, inferred.stderr
+        fed.wait_for_coordinator()
         join = fed.join_args(
             "bank-1", **{"--role": "bank", "--task": "", "--schema": str(schema),
                          "--data": str(data)}
