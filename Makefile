@@ -23,9 +23,12 @@ setup: $(BIN)/confide
 demo: setup
 	$(BIN)/confide simulate heart
 
+# Two workers, one test file each at a time (a file's module fixtures, e.g. its federation, start
+# once): the suite mostly waits on Flower's heartbeats and process starts, so on 2 cores two
+# files side by side take little longer than one. Every test runs, slow ones included.
 test: setup
 	./.ci/setup-system
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadfile
 
 lint: setup
 	$(BIN)/ruff check .
