@@ -35,6 +35,9 @@ from tests.deployment_fixtures import (
 # still find the resumed round's message alive, on 2 busy cores.
 ROUND_TIMEOUT = 60
 RUN_TIMEOUT = 600
+# The killed site misses a round or two while it rejoins (Flower first sees it offline, then
+# `confide join` imports torch): the rounds after that leave it time to, on 2 busy cores too.
+SITE_FAULT_ROUNDS = 6
 SETTINGS = ["--set", "local-epochs=1", "--set", f"round-timeout={ROUND_TIMEOUT}",
             "--set", "min-train-replies=1", "--set", "round-retries=1"]  # fmt: skip
 
@@ -90,11 +93,11 @@ def trained(entry: dict, name: str) -> bool:
 @pytest.mark.slow
 def test_a_site_killed_mid_round_the_run_finishes_and_the_site_rejoins(federation):
     fed, out = federation, federation.root / "site-fault"
-    run = start_run(fed, out, rounds=4)
+    run = start_run(fed, out, rounds=SITE_FAULT_ROUNDS)
     try:
         wait_for(lambda: len(complete_rounds(out)) >= 1 or not run.alive(), RUN_TIMEOUT, "round 1")
         killed_after = len(complete_rounds(out))
-        assert run.alive() and killed_after < 4, run.output()[-3000:]
+        assert run.alive() and killed_after < SITE_FAULT_ROUNDS, run.output()[-3000:]
         received = train_messages_received(fed, "bank-1")
         wait_for(lambda: train_messages_received(fed, "bank-1") > received, RUN_TIMEOUT,
                  "bank-1 to receive the next round's training")  # fmt: skip
@@ -109,7 +112,7 @@ def test_a_site_killed_mid_round_the_run_finishes_and_the_site_rejoins(federatio
     metrics = read_metrics(out) or {}
     assert metrics["status"] == "completed"
     rounds = metrics["rounds"]
-    assert [entry["round"] for entry in rounds] == [1, 2, 3, 4]
+    assert [entry["round"] for entry in rounds] == list(range(1, SITE_FAULT_ROUNDS + 1))
     assert all(trained(entry, "hospital-1") for entry in rounds)  # the survivor never stopped
     missed = [e["round"] for e in rounds[killed_after:] if not trained(e, "bank-1")]
     assert missed, "bank-1 was killed but trained in every round"
