@@ -108,11 +108,11 @@ def _confide_command(
 
 
 def _baseline_command(
-    variant: str, clients: int, rounds: int, per_round: int, timing: Path
+    variant: str, clients: int, rounds: int, per_round: int, timing: Path, alpha: float
 ) -> list[str]:
     command = [
         PYTHON, "-m", "bench.baseline_app.run", "--clients", str(clients),
-        "--rounds", str(rounds), "--timing-file", str(timing),
+        "--rounds", str(rounds), "--timing-file", str(timing), "--dirichlet-alpha", str(alpha),
     ]  # fmt: skip
     if per_round and per_round < clients:
         command += ["--clients-per-round", str(per_round)]
@@ -166,7 +166,7 @@ def run_one(
     if variant in BARE_FLOWER:
         timing = out / "rounds.jsonl"
         timing.unlink(missing_ok=True)
-        command = _baseline_command(variant, clients, rounds, per_round, timing)
+        command = _baseline_command(variant, clients, rounds, per_round, timing, alpha)
         watched = timing
     else:
         command, extra = _confide_command(variant, clients, rounds, out, alpha)
@@ -255,6 +255,8 @@ def _steady(result: RunResult, stats: TreeStats) -> dict[str, Any]:
         steady, note = result.rounds[:1], "round 1 only (includes warm-up)"
     if not steady:
         return {"note": "no round finished"}
+    if not sum(r.clients for r in steady):
+        return {"note": "no client answered"}
     cpu, machine, wall = 0.0, 0.0, 0.0
     for r in steady:
         between = stats.cpu_between(r.end - r.seconds, r.end)

@@ -29,6 +29,9 @@ def main() -> None:
         default=0,
         help="sample this many clients per round (0: all), via fraction-train/evaluate",
     )
+    parser.add_argument(
+        "--dirichlet-alpha", type=float, default=2.0, help="label skew of the banks' split"
+    )
     parser.add_argument("--cache-data", action="store_true")
     parser.add_argument("--noop", action="store_true", help="handlers reply at once (the floor)")
     parser.add_argument(
@@ -57,6 +60,7 @@ def main() -> None:
     overrides = {
         "num-server-rounds": args.rounds,
         "num-clients": args.clients,
+        "dirichlet-alpha": args.dirichlet_alpha,
         "fraction-train": fraction,
         "fraction-evaluate": fraction,
         "cache-data": args.cache_data,
