@@ -22,10 +22,10 @@ SIZES = (1, 2)
 
 
 def client_rounds_per_second(clients: int, rounds: int, nodes: int, work: Path) -> float:
-    with local_ray_cluster(nodes, work) as address:
+    with local_ray_cluster(nodes, work) as cluster:
         metrics, _ = confide(
             "simulate", "heart", "--set", "partitioner=iid", "--clients", str(clients),
-            "--rounds", str(rounds), "--ray-address", address, "--out", str(work / "run"),
+            "--rounds", str(rounds), "--ray-address", cluster.address, "--out", str(work / "run"),
         )  # fmt: skip
     seconds = sum(entry["seconds"] for entry in metrics["rounds"])
     return clients * rounds / seconds

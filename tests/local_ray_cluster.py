@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.processes import free_port
@@ -25,6 +26,28 @@ START_SECONDS = 90
 
 class ClusterDidNotStart(RuntimeError):
     pass
+
+
+@dataclass
+class LocalCluster:
+    address: str
+    node_sessions: list[int] = field(default_factory=list)  # one per node, head first
+
+
+def actor_sessions(actor_class: str) -> set[int]:
+    """The sessions of the Ray actor processes of `actor_class` running now. Every node of
+    `local_ray_cluster` is its own session, its raylet's workers included, so the sessions say
+    which nodes the actors run on."""
+    sessions = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "cmdline").read_bytes().startswith(f"ray::{actor_class}".encode()):
+                sessions.add(os.getsid(int(entry.name)))
+        except OSError:  # the process ended meanwhile
+            continue
+    return sessions
 
 
 def alive_nodes(address: str) -> int:
@@ -64,8 +87,8 @@ def _wait_for(address: str, count: int, log: Path, deadline: float) -> None:
 
 
 @contextmanager
-def local_ray_cluster(nodes: int, log_dir: Path) -> Iterator[str]:
-    """`nodes` one-CPU Ray nodes (the first the head); yields the head's address."""
+def local_ray_cluster(nodes: int, log_dir: Path) -> Iterator[LocalCluster]:
+    """`nodes` one-CPU Ray nodes (the first the head), each in its own session."""
     address = f"127.0.0.1:{free_port()}"
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Unix sockets need a short path
     deadline = time.monotonic() + START_SECONDS
@@ -77,7 +100,7 @@ def local_ray_cluster(nodes: int, log_dir: Path) -> Iterator[str]:
             log = log_dir / f"ray-node-{number}.log"
             started.append(_start_node(head if number == 0 else ["--address", address], log))
             _wait_for(address, number + 1, log, deadline)
-        yield address
+        yield LocalCluster(address, [node.pid for node in started])
     finally:
         for node in reversed(started):
             _stop(node)

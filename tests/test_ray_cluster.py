@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
@@ -18,7 +19,7 @@ import pytest
 
 from common.processes import free_port
 from simulations.ray_cluster import clients_per_node
-from tests.local_ray_cluster import alive_nodes, local_ray_cluster
+from tests.local_ray_cluster import LocalCluster, actor_sessions, alive_nodes, local_ray_cluster
 from tests.test_simulate_cli import confide
 
 
@@ -50,22 +51,41 @@ def test_clients_per_node_counts_as_flowers_actor_pool_does():
 
 
 @pytest.fixture
-def two_node_cluster(tmp_path) -> Iterator[str]:
-    with local_ray_cluster(2, tmp_path) as address:
-        yield address
+def two_node_cluster(tmp_path) -> Iterator[LocalCluster]:
+    with local_ray_cluster(2, tmp_path) as cluster:
+        yield cluster
+
+
+class ActorWatch(threading.Thread):
+    """The sessions (nodes) Flower's client actors ran in, looked up every 0.2 s until stopped."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.sessions: set[int] = set()
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.2):
+            self.sessions |= actor_sessions("ClientAppActor")
 
 
 @pytest.mark.slow
 def test_a_simulation_runs_on_both_nodes_of_a_running_cluster_and_leaves_it_running(
     two_node_cluster, tmp_path
 ):
-    address = two_node_cluster
+    address = two_node_cluster.address
     out = tmp_path / "run"
+    watch = ActorWatch()
+    watch.start()
     result = confide(
         "simulate", "heart", "--rounds", "2", "--ray-address", address, "--out", str(out),
         "--quiet", timeout=600,
     )  # fmt: skip
+    watch.done.set()
+    watch.join()
     assert result.returncode == 0, result.stderr[-3000:]
+    # The clients ran in actors on both nodes, and nowhere else (no private Ray of its own).
+    assert watch.sessions == set(two_node_cluster.node_sessions)
     shown = " ".join(result.stdout.split())  # the console wraps long lines
     # One CPU per node and one per client: the two clients that run at once are on two nodes.
     assert f"attached to the Ray cluster at {address}: 2 nodes" in shown
