@@ -91,7 +91,7 @@ def add_lora(model: nn.Module, config: RunConfig) -> nn.Module:
             setattr(parent, attribute, LoRALinear(base, config.lora_rank, config.lora_alpha))
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(_travels(name))
-    _SLOTS.pop(model, None)  # its modules changed
+    _PLACES.pop(model, None)  # its modules changed
     return model
 
 
@@ -102,15 +102,15 @@ def uses_lora(model: nn.Module) -> bool:
 # Where each travelling tensor lives: (name, its module's parameter or buffer dict, key). Read
 # through the dict, so a tensor replaced in place (`to(device)`) is still found; `add_lora`, the
 # only code that swaps a built model's modules, forgets the model's entry.
-Slot = tuple[str, dict[str, Tensor | None], str]
-_SLOTS: WeakKeyDictionary[nn.Module, tuple[Slot, ...]] = WeakKeyDictionary()
+Place = tuple[str, dict[str, Tensor | None], str]
+_PLACES: WeakKeyDictionary[nn.Module, tuple[Place, ...]] = WeakKeyDictionary()
 
 
-def _slots(model: nn.Module) -> tuple[Slot, ...]:
+def _places(model: nn.Module) -> tuple[Place, ...]:
     """`federated_state`'s names and places, found once per model: `state_dict` walks every
     submodule and copies every tensor's handle on each call (0.1 ms, three times per client-round
     in a simulation worker)."""
-    if (slots := _SLOTS.get(model)) is None:
+    if (places := _PLACES.get(model)) is None:
         lora = uses_lora(model)
         found = []
         for name, tensor in model.state_dict(keep_vars=True).items():
@@ -121,12 +121,12 @@ def _slots(model: nn.Module) -> tuple[Slot, ...]:
             held = owner._parameters if key in owner._parameters else owner._buffers
             assert held[key] is tensor, f"'{name}' is not where state_dict found it"
             found.append((name, held, key))
-        slots = _SLOTS[model] = tuple(found)
-    return slots
+        places = _PLACES[model] = tuple(found)
+    return places
 
 
 def _live_tensors(model: nn.Module) -> dict[str, Tensor]:
-    return {name: held[key] for name, held, key in _slots(model)}  # type: ignore[misc]
+    return {name: held[key] for name, held, key in _places(model)}  # type: ignore[misc]
 
 
 def federated_state(model: nn.Module) -> dict[str, Tensor]:

@@ -79,7 +79,8 @@ def screen_update(
         missing = sorted(set(global_arrays) - set(update))[:3]
         extra = sorted(set(update) - set(global_arrays))[:3]
         return f"parameter names differ from the global model (missing {missing}, extra {extra})"
-    if reference is None and policy.max_update_norm > 0:
+    bounded = policy.max_update_norm > 0  # only a norm bound needs the update's delta
+    if reference is None and bounded:
         reference = global_values(global_arrays)
     deltas = {}
     for name, expected in global_arrays.items():
@@ -95,10 +96,10 @@ def screen_update(
             return str(error)
         if not np.isfinite(values).all():
             return f"'{name}' holds NaN or infinite values"
-        if policy.max_update_norm > 0:
+        if bounded:
             deltas[name] = values.astype(np.float64) - reference[name]
 
-    if policy.max_update_norm <= 0:
+    if not bounded:
         return None
     norm = math.sqrt(sum(float(np.sum(delta * delta)) for delta in deltas.values()))
     if norm <= policy.max_update_norm:

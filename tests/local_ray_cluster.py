@@ -13,7 +13,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from common.processes import free_port
@@ -31,7 +31,7 @@ class ClusterDidNotStart(RuntimeError):
 @dataclass
 class LocalCluster:
     address: str
-    node_sessions: list[int] = field(default_factory=list)  # one per node, head first
+    node_sessions: list[int]  # one per node, head first
 
 
 def actor_sessions(actor_class: str) -> set[int]:
