@@ -22,7 +22,7 @@ from flwr.app import ArrayRecord
 from torch.nn import functional as F
 
 from bench.harness import setup_line, write_section
-from client.dp_optimizer import FlatPrivacyEngine
+from client.privacy.optimizer import FlatPrivacyEngine
 from client.training import make_optimizer
 from common.evaluation import make_loader
 from common.federated_model import build_federated_model, initial_federated_state

@@ -29,7 +29,6 @@ import json
 import math
 import secrets
 from collections.abc import Iterator, Mapping
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -131,29 +130,24 @@ class GradientCanaries:
 
 
 @dataclass
-class _Round:
-    """The round in progress at a site: its plan and the canaries DP-SGD was given."""
+class CanaryRound:
+    """The round in progress at a site: its plan and the canaries DP-SGD was given. The
+    ClientApp hands it to DP-SGD explicitly (client/privacy/training.py)."""
 
     plan: CanaryPlan
     canaries: list[GradientCanaries] = field(default_factory=list)
 
+    def for_step(self, params: list[torch.Tensor], sample_rate: float) -> GradientCanaries:
+        """The canaries FlatDPOptimizer adds to each step of this round."""
+        dimension = sum(p.numel() for p in params)
+        canaries = GradientCanaries(
+            self.plan.directions(dimension), self.plan.included(), sample_rate
+        )
+        self.canaries.append(canaries)
+        return canaries
+
     def scores(self) -> np.ndarray:
         return sum((c.scores.numpy() for c in self.canaries), np.zeros(self.plan.count))
-
-
-_active_round: ContextVar[_Round | None] = ContextVar("active_canary_round", default=None)
-
-
-def gradient_canaries(params: list[torch.Tensor], sample_rate: float) -> GradientCanaries | None:
-    """For FlatPrivacyEngine: the white-box canaries of the round in progress, if any."""
-    active = _active_round.get()
-    if active is None:
-        return None
-    plan = active.plan
-    dimension = sum(p.numel() for p in params)
-    canaries = GradientCanaries(plan.directions(dimension), plan.included(), sample_rate)
-    active.canaries.append(canaries)
-    return canaries
 
 
 class SiteAudit:
@@ -185,18 +179,15 @@ class SiteAudit:
         return ClientSplit(split.name, train, split.test)
 
     @contextlib.contextmanager
-    def round(self, server_round: int) -> Iterator[None]:
-        """Around one round's training: white-box canaries go into DP-SGD, which scores them
-        step by step; the round's scores are kept in the site's audit file."""
+    def round(self, server_round: int) -> Iterator[CanaryRound | None]:
+        """Around one round's training: the white-box canaries to give DP-SGD (None outside a
+        white-box audit), which scores them step by step; the round's scores are kept in the
+        site's audit file."""
         if self.plan is None or self.plan.kind != WHITE_BOX:
-            yield
+            yield None
             return
-        active = _Round(self.plan)
-        token = _active_round.set(active)
-        try:
-            yield
-        finally:
-            _active_round.reset(token)
+        active = CanaryRound(self.plan)
+        yield active
         path = audit_file(self.config, self.plan.site)
         document = read_audit_file(path)
         document["rounds"][str(server_round)] = active.scores().tolist()

@@ -16,6 +16,7 @@ import http.client
 import itertools
 import logging
 import os
+import re
 import secrets
 import socket
 import ssl
@@ -35,13 +36,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from client.local_data import DATA_PATH_KEY, LEDGER_PATH_KEY, NAME_KEY, default_site_home
-from client.node_policy import POLICY_PATH_KEY
+from client.privacy.policy import POLICY_PATH_KEY
+from client.site_inputs import SCHEMA_PATH_KEY
 from common.atomic_file import write_atomically
 from common.certificates.checking import is_ca_certificate, verify_server_certificate
 from common.file_reading import read_named_file
 from common.flower_args import FlowerArgumentError, key_values
 from common.hf_model import hf_text_encoder
-from common.partition import site_split
+from common.partition import MIN_RECORDS_PER_CLIENT
 from common.processes import (
     ManagedProcess,
     ProcessError,
@@ -86,6 +88,13 @@ LOG_HINTS = (
 # (flwr.common.constant SYSTEM_TIME_TOLERANCE, TIMESTAMP_TOLERANCE); HTTP dates have 1 s steps.
 CLOCK_AHEAD_LIMIT_SECONDS = 4.0
 CLOCK_BEHIND_LIMIT_SECONDS = 300.0
+# A refusal as the site executor logs it (its format: client/site_executor.py `main`): the
+# ClientApp's "NAME refuses: WHY" (client/app.py `_refusal`), or the executor's own
+# "run ID: refused: WHY" for a package that is not the installed app.
+REFUSAL_LINE = re.compile(
+    r"^\S+ \S+ (?:WARNING client\.app: .+? refuses: (?P<app>.+)"
+    r"|ERROR confide\.site_executor: run \S+: (?P<executor>refused: .+))$"
+)
 
 
 POLICY_FILE = "site-policy.toml"
@@ -161,9 +170,13 @@ def check_data(settings: JoinSettings) -> int:
         settings.data, task_schema(config), vocab_size=config.vocab_size,
         max_length=config.max_length, text_encoder=hf_text_encoder(config.model, config.max_length),
     )  # fmt: skip
-    split = site_split(config, dataset, settings.name)
-    try:
-        settings.policy.check_delta(len(split.train))
+    if len(dataset) < MIN_RECORDS_PER_CLIENT:
+        raise JoinError(
+            f"{settings.data}: holds {len(dataset)} record(s); a site needs at least "
+            f"{MIN_RECORDS_PER_CLIENT} (one to train on, one to evaluate on)"
+        )
+    try:  # here, on the site's own machine, the exact count is the operator's to see
+        settings.policy.check_delta(round(len(dataset) * (1 - settings.policy.test_fraction)))
     except PolicyRefusal as error:
         raise JoinError(str(error)) from None
     return len(dataset)
@@ -330,6 +343,8 @@ def prepare_join(settings: JoinSettings) -> JoinPlan:
     ledger = settings.ledger or work_dir / "privacy-ledger.json"  # one per site, never shared
     node_config[LEDGER_PATH_KEY] = str(ledger.expanduser().resolve())
     node_config[POLICY_PATH_KEY] = str(policy_file)
+    if settings.schema is not None:  # a custom task: the site validates against its own copy
+        node_config[SCHEMA_PATH_KEY] = str(settings.schema.resolve())
     try:
         node_config_text = key_values(node_config)
     except FlowerArgumentError as error:
@@ -368,6 +383,32 @@ def prepare_join(settings: JoinSettings) -> JoinPlan:
 # ----------------------------------------------------------------------------------------- run
 
 
+class LogFollower:
+    """The lines a log file gains after this is made, each once it is complete."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._offset = path.stat().st_size if path.exists() else 0
+        self._partial = b""
+
+    def new_lines(self) -> list[str]:
+        try:
+            with self.path.open("rb") as log_file:
+                log_file.seek(self._offset)
+                data = log_file.read()
+        except OSError:
+            return []
+        self._offset += len(data)
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        return [line.decode(errors="replace") for line in lines]
+
+
+def refusals(lines: list[str]) -> list[str]:
+    """The reason of each refusal among a site executor's log lines."""
+    matches = (REFUSAL_LINE.match(line) for line in lines)
+    return [match["app"] or match["executor"] for match in matches if match]
+
+
 @dataclass
 class Site:
     """A joined site's two processes: the SuperNode (coordinator link, loopback Runtime API) and
@@ -376,6 +417,7 @@ class Site:
 
     supernode: ManagedProcess
     executor: ManagedProcess
+    executor_log: LogFollower  # from where this start's lines begin
     exited: ManagedProcess | None = None
 
     @property
@@ -408,15 +450,16 @@ def start_supernode(plan: JoinPlan, name: str) -> Site:
     supernode = ManagedProcess(
         f"flower-supernode ({name})", plan.argv, plan.work_dir / "supernode.log", env=plan.env
     )
+    executor_log = LogFollower(plan.work_dir / EXECUTOR_LOG)  # earlier starts' lines are old
     try:
         executor = ManagedProcess(
-            f"site executor ({name})", plan.executor_argv, plan.work_dir / EXECUTOR_LOG,
+            f"site executor ({name})", plan.executor_argv, executor_log.path,
             env=plan.env, cwd=plan.work_dir,
         )  # fmt: skip
     except ProcessError:
         supernode.stop()
         raise
-    return Site(supernode, executor)
+    return Site(supernode, executor, executor_log)
 
 
 def node_id(site: Site) -> str | None:
@@ -525,12 +568,20 @@ def supervise(
     site: Site,
     should_stop: Callable[[], bool],
     on_connected: Callable[[str], None],
+    on_refusal: Callable[[str], None],
 ) -> int | None:
     """Run until asked to stop or either process exits; returns that one's exit code (None: we
-    stopped them). Always leaves nothing running."""
+    stopped them). Each refusal the executor logs goes to `on_refusal` as well, so the person
+    running the site sees what it declined, and why, without opening the executor's log.
+    Always leaves nothing running."""
     announced = False
     try:
-        while site.alive() and not should_stop():
+        while True:
+            running = site.alive() and not should_stop()
+            for reason in refusals(site.executor_log.new_lines()):
+                on_refusal(reason)
+            if not running:
+                break
             if not announced:
                 identity = node_id(site)
                 if identity:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 
-from client.private_training import SitePrivacy, site_budget
+from client.privacy.plan import SitePrivacy
+from client.site_inputs import DATA_PATH_KEY
+from common.atomic_file import write_atomically
 from common.hf_model import hf_text_encoder
 from common.partition import ClientSplit, client_split, site_split
 from common.privacy_ledger import PrivacyLedger
@@ -18,23 +21,51 @@ from common.site_policy import SitePolicy
 from common.tasks import task_schema
 
 PARTITION_ID_KEY = "partition-id"  # set by Flower's simulation engine
-DATA_PATH_KEY = "data-path"  # set by `confide join` on a real site
 NAME_KEY = "name"
 LEDGER_PATH_KEY = "ledger-path"  # set by `confide join --ledger`
+SECRET_MODE = 0o600
 
 
-def load_local_split(config: RunConfig, node_config: Mapping[str, object]) -> ClientSplit:
+class NodeConfigError(ValueError):
+    """A node started without a data file or a partition: it has nothing to train on."""
+
+
+def load_local_split(
+    config: RunConfig, node_config: Mapping[str, object], policy: SitePolicy
+) -> ClientSplit:
+    """A real site's split is its own: its policy's test share and a secret kept beside its
+    ledger; a simulated client's is the rehearsal's, seeded by the run so runs repeat."""
     if DATA_PATH_KEY in node_config:
         path = Path(str(node_config[DATA_PATH_KEY]))
         name = str(node_config.get(NAME_KEY, path.stem))
-        return site_split(config, _load_site_file(config, path), name)
-    if PARTITION_ID_KEY in node_config:
-        return _simulated_split(config, int(node_config[PARTITION_ID_KEY]))
-    raise ValueError(
-        f"node config has neither '{DATA_PATH_KEY}' (a site's own file) nor "
-        f"'{PARTITION_ID_KEY}' (a simulated client): start the node with "
-        f"--node-config '{DATA_PATH_KEY}=\"/path/to/records.csv\"'"
-    )
+        secret = split_secret(ledger_path(config, node_config, name))
+        records = _load_site_file(config, path)
+        return site_split(records, name, policy.test_fraction, config.holdout, secret)
+    return _simulated_split(config, simulated_partition(node_config))
+
+
+def simulated_partition(node_config: Mapping[str, object]) -> int:
+    if PARTITION_ID_KEY not in node_config:
+        raise NodeConfigError(
+            f"node config has neither '{DATA_PATH_KEY}' (a site's own file) nor "
+            f"'{PARTITION_ID_KEY}' (a simulated client): start the node with "
+            f"--node-config '{DATA_PATH_KEY}=\"/path/to/records.csv\"'"
+        )
+    return int(node_config[PARTITION_ID_KEY])
+
+
+def split_secret(ledger: Path) -> int:
+    """The seed of the site's train/test split, drawn once and kept beside the ledger (owner
+    only): the split never depends on the run's seed, which the coordinator chooses."""
+    path = ledger.with_name(f"{ledger.stem}.split-secret")
+    if not path.exists():
+        try:
+            write_atomically(
+                path, f"{secrets.randbits(63)}\n".encode(), SECRET_MODE, exclusive=True
+            )
+        except FileExistsError:  # another process of this site drew it first: theirs stands
+            pass
+    return int(path.read_text(encoding="ascii"))
 
 
 @lru_cache(maxsize=65536)
@@ -83,22 +114,19 @@ def simulated_ledger_path(config: RunConfig, name: str) -> Path:
 
 
 def site_privacy(
-    config: RunConfig, node_config: Mapping[str, object], split: ClientSplit, policy: SitePolicy
+    config: RunConfig, node_config: Mapping[str, object], name: str, policy: SitePolicy
 ) -> SitePrivacy:
     """The site's ledger, keyed by the data set's name (the site's, unless its policy declares
     another): appending or editing records keeps what was spent; a new, disjoint data set gets
     a budget of its own only when the operator names it. A simulated site keeps its name across
     seeds, so a new seed does not buy a new budget either."""
-    ledger = PrivacyLedger.open(
-        ledger_path(config, node_config, split.name), policy.data_set_name(split.name)
-    )
+    ledger = PrivacyLedger.open(ledger_path(config, node_config, name), policy.data_set_name(name))
     if DATA_PATH_KEY in node_config:
         path = Path(str(node_config[DATA_PATH_KEY]))
         source = f"{path} (sha256 {_file_sha256(path)[:16]})"
     else:
-        source = f"simulated site {split.name} of task {config.task}"
-    budget = site_budget(policy, ledger, config.max_grad_norm, len(split.train))
-    return SitePrivacy(policy, budget, ledger, source)
+        source = f"simulated site {name} of task {config.task}"
+    return SitePrivacy(policy, ledger, source, config.max_grad_norm)
 
 
 @lru_cache(maxsize=2)

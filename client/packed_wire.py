@@ -12,10 +12,11 @@ from functools import lru_cache
 from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
+from client.site_inputs import ReceivedInputError, site_run_config
 from common.federated_model import federated_layout
 from common.hf_model import HFModelError
 from common.packed_arrays import Slot, is_packed, layout_of, pack, unpack
-from common.run_config import RunConfig, cached_run_config
+from common.run_config import RunConfig, RunConfigError
 from common.tasks import task_schema
 
 
@@ -29,8 +30,8 @@ def packed_model(msg: Message, context: Context, call_next: ClientAppCallable) -
     packed_keys = [key for key, record in records.items() if is_packed(record)]
     if packed_keys:
         try:
-            layout = model_layout(cached_run_config(context.run_config))
-        except HFModelError:  # the site lacks the run's model: the app refuses, saying why
+            layout = model_layout(site_run_config(context))
+        except (HFModelError, ReceivedInputError, RunConfigError):  # the app refuses, saying why
             return call_next(msg, context)
         for key in packed_keys:
             msg.content[key] = unpack(records[key], layout)

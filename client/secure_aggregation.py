@@ -16,8 +16,9 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import Code, FitRes, Status, bytes_to_ndarray, ndarrays_to_parameters
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 
+from client.site_inputs import site_run_config
 from common.federated_model import federated_layout
-from common.run_config import RunConfig, cached_run_config
+from common.run_config import RunConfig
 from common.tasks import task_schema
 
 LEGACY_PARAMETERS = "fitins.parameters"
@@ -32,7 +33,7 @@ def secure_aggregation(msg: Message, context: Context, call_next: ClientAppCalla
     """Attached to the train handler only; runs without secagg pass straight through."""
     if not context.run_config.get("secagg"):
         return call_next(msg, context)
-    config = cached_run_config(context.run_config)
+    config = site_run_config(context)
 
     def train_legacy(legacy: Message, node_context: Context) -> Message:
         legacy.content = _as_train_content(legacy.content, config)

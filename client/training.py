@@ -26,9 +26,6 @@ def make_optimizer(
     return torch.optim.Adam(trainable, lr=learning_rate, weight_decay=weight_decay)
 
 
-LossFunction = Callable[[Tensor, Tensor], Tensor]
-
-
 class RoundExpired(Exception):
     """The round's message outlived its time to live: the coordinator stopped waiting for the
     reply (its round ended, or its run stopped), so the site stops working on it."""
@@ -48,15 +45,16 @@ def train_epochs(
     epochs: int,
     device: torch.device,
     proximal_mu: float = 0.0,
-    loss_function: LossFunction = F.cross_entropy,
+    loss_reduction: str = "mean",
     on_empty_batch: Callable[[], None] | None = None,
     deadline: float | None = None,
 ) -> LocalResult:
     """SGD over the local data; `num_examples` counts examples processed.
 
     With proximal_mu > 0 the FedProx term keeps weights near the global model, which damps client
-    drift on skewed data. DP-SGD passes Opacus' loss (ghost clipping wraps it) and what to do with
-    the empty batches Poisson sampling can draw. Past `deadline` (see `stop_if_expired`) the
+    drift on skewed data. DP-SGD passes `loss_reduction = "sum"` (its per-sample gradients must
+    not depend on how many records a batch drew) and what to do with the empty batches Poisson
+    sampling can draw. Past `deadline` (see `stop_if_expired`) the
     next batch raises RoundExpired instead of computing an update nobody will take."""
     started = time.perf_counter()
     on_device(model, device).train()
@@ -73,7 +71,7 @@ def train_epochs(
             labels = labels.to(device)
             optimizer.zero_grad(set_to_none=True)
             logits = model(*inputs)
-            loss = loss_function(logits, labels)
+            loss = F.cross_entropy(logits, labels, reduction=loss_reduction)
             if anchor:
                 drift = sum(
                     (p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor, strict=True)
@@ -81,7 +79,7 @@ def train_epochs(
                 loss = loss + proximal_mu / 2 * drift
             loss.backward()
             optimizer.step()
-            total_loss += loss.item() * len(labels)
+            total_loss += loss.item() * (len(labels) if loss_reduction == "mean" else 1)
             correct += (logits.argmax(dim=1) == labels).sum().item()
             seen += len(labels)
     return LocalResult(

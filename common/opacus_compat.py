@@ -1,6 +1,6 @@
 """Every private Opacus name Confide touches, in one place, behind the Opacus it was written for.
 
-client/dp_optimizer.py does Opacus' DP-SGD step on one flat vector, and Opacus 1.6 has no public
+client/privacy/optimizer.py does Opacus' DP-SGD step on one flat vector, and Opacus 1.6 has no public
 hook for that: the engine builds its optimizer in the private `PrivacyEngine._prepare_optimizer`,
 per-sample gradients are read through the private `DPOptimizer._get_flat_grad_sample`, and the
 guard against using a gradient twice (a step without `zero_grad` would spend privacy twice) is the

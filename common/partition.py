@@ -149,12 +149,25 @@ def client_split(config: RunConfig, partition_id: int) -> ClientSplit:
     return ClientSplit(names[partition_id], dataset.subset(train), dataset.subset(test))
 
 
-def site_split(config: RunConfig, dataset: EncodedDataset, name: str) -> ClientSplit:
-    """A real site's whole file, held out the same way a virtual client's share is."""
-    if len(dataset) < MIN_RECORDS_PER_CLIENT:
-        raise PartitionError(
-            f"{name}: the data file holds {len(dataset)} record(s); at least "
-            f"{MIN_RECORDS_PER_CLIENT} are needed (one to train on, one to test on)"
-        )
-    train, test = holdout_split(np.arange(len(dataset)), config)
+def site_holdout(
+    count: int, test_fraction: float, holdout: str, secret: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """A real site's train and evaluation records, each record's side decided by its own draw
+    from a stream the site's secret seeds: adding a record moves no other record, and neither
+    the coordinator (who never sees the secret) nor the run's seed decides which records are
+    evaluated. With holdout = "validation", a share test-fraction of the training side is
+    evaluated instead and the test records stay untouched."""
+    draws = np.random.default_rng([secret, 0]).random(count)
+    test = draws < test_fraction
+    if holdout == "test":
+        return np.flatnonzero(~test), np.flatnonzero(test)
+    validation = ~test & (draws < test_fraction + (1 - test_fraction) * test_fraction)
+    return np.flatnonzero(~test & ~validation), np.flatnonzero(validation)
+
+
+def site_split(
+    dataset: EncodedDataset, name: str, test_fraction: float, holdout: str, secret: int
+) -> ClientSplit:
+    """A real site's whole file, held out by the site's own share and secret."""
+    train, test = site_holdout(len(dataset), test_fraction, holdout, secret)
     return ClientSplit(name, dataset.subset(train), dataset.subset(test))

@@ -21,6 +21,7 @@ Opacus (and with it torch) is imported lazily, so reading and writing the ledger
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -45,14 +46,34 @@ MAX_NOISE_MULTIPLIER = 1e3
 EPSILON_TOLERANCE = 0.01
 """How far below the target the calibrated plan may end (absolute epsilon)."""
 MIN_NOISE_MULTIPLIER = 0.3
-"""Calibration never searches below this sigma: the PRV accountant needs minutes and tens of GB
-for sigma ~ 0.1 (measured: 190 s at 0.1, out of memory at 0.01), and no useful budget needs it."""
+"""Calibration never searches below this sigma: no useful budget needs it. It does not bound the
+accountant's cost by itself (sigma 0.3 over 960 steps at q = 1/8 takes 2.3 GiB): that is
+MAX_PRV_GRID_POINTS' work, for every history, calibrated or fixed."""
+MAX_PRV_GRID_POINTS = 30_000_000
+"""The most the PRV accountant is asked to hold: its grid's points x (distinct mechanisms + 6).
+
+Opacus discretises each distinct mechanism on one grid, which grows as sigma falls (steeply) and
+with sqrt(steps); memory went as at most 27 bytes and time 2 us per point of that product, so an
+accounting stays within about 1 GB and a minute of a site's CPU, and is refused otherwise."""
+# Measured with Opacus 1.6 on 2 CPU cores (wall; peak RSS above the 0.35 GiB torch takes):
+#   at the bound, q = 1/8 x 240 steps (heart) from sigma 0.258: 2.0 s, 0.27 GiB; 960 steps from
+#   0.491 and 2,400 from 0.774: 3.4 s, 0.67 GiB; q = 0.01 x 10,000 steps from 0.495: 2.8 s,
+#   0.67 GiB; 16, 32 and 51 mechanisms (a long ledger, epsilon 7 for the last): 17-21 s,
+#   0.67 GiB. Over it: heart at sigma 0.05 (issue 24), 4.8e8 points, 24 GB; at 0.15, 18 s,
+#   3.0 GiB; at 0.3 over 960 steps, 11 s, 2.3 GiB; 8 mechanisms of 4.7e6 points, 73 s. A single
+#   run near the bound spends epsilon 30 or more.
 CALIBRATION_SECONDS = 120.0
 """Calibration stops with an error after this long rather than burn a site's CPU."""
 
 
 class PrivacyConfigError(ValueError):
     """A privacy setting that cannot give the promised guarantee; the message names the fix."""
+
+
+class AccountingBoundError(PrivacyConfigError):
+    """A history the PRV accountant cannot account for within MAX_PRV_GRID_POINTS.
+
+    Its own class so calibration can count such a sigma as too small rather than fail."""
 
 
 def _is_number(value: object) -> bool:
@@ -181,15 +202,87 @@ def epsilon_of(
     """
     if not history:
         return 0.0
+    named = history  # the settings as the caller gave them, for a refusal's message
     if neighbours == "replace-one":
         history = [(sigma / 2, q, steps) for sigma, q, steps in history]
-    merged = _merge_equal(history)
+    merged = tuple(_merge_equal(history))
     if accountant == "prv" and len(merged) == 1 and merged[0][1] == 1.0:
         return _gaussian_epsilon(1 / merged[0][0], delta)  # exact, where PRV approximates
+    if accountant == "prv":  # RDP costs milliseconds at any sigma: a formula per order
+        _check_prv_grid(merged, delta, named)
+    return _accounted_epsilon(merged, delta, accountant)
+
+
+@functools.lru_cache(maxsize=4096)
+def _accounted_epsilon(merged: tuple[HistoryEntry, ...], delta: float, accountant: str) -> float:
+    """A pure function of the history, kept: a site accounts the same histories again and again
+    (the ledger's check before a charge, the round's own epsilon, each message's plan), and one
+    accounting costs 5-50 ms with RDP's fractional orders and 0.1-3 s with PRV."""
     acct = _make_accountant(accountant)
-    acct.load_state_dict({"history": merged, "mechanism": acct.mechanism()})
+    acct.load_state_dict({"history": list(merged), "mechanism": acct.mechanism()})
     with np.errstate(divide="ignore"):  # Opacus' PRV takes log(1 - q): -inf at q = 1, harmless
         return float(acct.get_epsilon(delta=delta))
+
+
+def _check_prv_grid(
+    merged: Sequence[HistoryEntry], delta: float, named: Sequence[HistoryEntry]
+) -> None:
+    """Refuse, before Opacus allocates it, a grid over MAX_PRV_GRID_POINTS.
+
+    The grid is Opacus' own (``PRVAccountant._get_domain`` at ``get_epsilon``'s defaults,
+    eps_error 0.01 and delta_error delta / 1000): a half-width from an RDP bound over a mesh that
+    narrows with sqrt(total steps). Computed here as floats, so even sigma 1e-6 is refused, not
+    overflowed. The message names the least noise in ``named``, the history as the caller gave
+    it: usually a run's fixed noise-multiplier, since calibration keeps clear of the bound."""
+    points = _prv_grid_points(tuple(map(tuple, merged)), delta)
+    if points * (len(merged) + 6) <= MAX_PRV_GRID_POINTS:
+        return
+    sigma, q, _ = min(named)  # the least noise, the usual reason for a large grid
+    setting = "noise-multiplier" if q < 1.0 else "the noise of a count or evaluation release"
+    total = sum(count for _, _, count in named)
+    raise AccountingBoundError(
+        f"{setting} = {sigma:g} (sample rate {q:.3g}; {total} steps in all, {len(merged)} "
+        f"distinct mechanism(s)) needs {points:.2g} points of the PRV accountant's grid, more "
+        "than this site accounts for within its bound of about 1 GB and a minute; raise "
+        "noise-multiplier, plan fewer rounds or local steps, or set noise-multiplier = 0 to "
+        "calibrate"
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _prv_grid_points(merged: tuple[HistoryEntry, ...], delta: float) -> float:
+    """Points of Opacus' PRV grid for this history (kept: an RDP bound per call, 0.1-0.2 s)."""
+    from opacus.accountants.analysis.prv import (
+        PoissonSubsampledGaussianPRV,
+        compute_safe_domain_size,
+    )
+
+    eps_error, delta_error = 0.01, delta / 1000
+    steps = [count for _, _, count in merged]
+    half_width = compute_safe_domain_size(
+        [PoissonSubsampledGaussianPRV(q, sigma) for sigma, q, _ in merged],
+        steps,
+        eps_error=eps_error,
+        delta_error=delta_error,
+    )
+    mesh = eps_error / math.sqrt(sum(steps) * math.log(12 / delta_error) / 2)
+    return 2 * half_width / mesh
+
+
+@functools.cache
+def _bounded_prv() -> str:
+    """Opacus' name for a PRV accountant that refuses what ``epsilon_of`` refuses, registered so
+    that Opacus' own search (``get_noise_multiplier``, from sigma 0 up) is bounded too."""
+    from opacus.accountants import PRVAccountant, register_accountant
+
+    class BoundedPRVAccountant(PRVAccountant):
+        def get_epsilon(self, delta: float, **kwargs: float) -> float:
+            _check_prv_grid(self.history, delta, self.history)
+            return super().get_epsilon(delta, **kwargs)
+
+    name = "confide-bounded-prv"
+    register_accountant(name, BoundedPRVAccountant, force=True)  # force: survives a reload
+    return name
 
 
 def _check_plan(sample_rate: float, steps_per_round: int, planned_rounds: int) -> None:
@@ -286,6 +379,13 @@ def calibrate_noise_multiplier(
             )
         return account(fixed + [(sigma, sample_rate, steps_per_round)] * planned_rounds)
 
+    def eps_or_inf(sigma: float) -> float:
+        """A sigma too small to account for is, to the search, a sigma too small."""
+        try:
+            return eps_at(sigma)
+        except AccountingBoundError:
+            return math.inf
+
     if eps_at(MAX_NOISE_MULTIPLIER) > target:
         raise PrivacyConfigError(
             f"target_epsilon {target:g} (delta {delta:g}, already spent {spent:.2f}) cannot "
@@ -297,14 +397,17 @@ def calibrate_noise_multiplier(
     if not fixed and budget.neighbours == "add-remove":
         from opacus.accountants.utils import get_noise_multiplier
 
-        sigma = get_noise_multiplier(
-            target_epsilon=target,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=steps_per_round * planned_rounds,
-            accountant=mechanism,
-            epsilon_tolerance=EPSILON_TOLERANCE,
-        )
+        try:
+            sigma = get_noise_multiplier(
+                target_epsilon=target,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=steps_per_round * planned_rounds,
+                accountant=_bounded_prv() if mechanism == "prv" else mechanism,
+                epsilon_tolerance=EPSILON_TOLERANCE,
+            )
+        except AccountingBoundError:
+            sigma = 0.0  # its search went below what can be accounted for: bisect instead
         # Same merged history shape as the replay, but verify rather than trust it.
         if MIN_NOISE_MULTIPLIER <= sigma <= MAX_NOISE_MULTIPLIER and eps_at(sigma) <= target:
             logger.info(
@@ -314,7 +417,7 @@ def calibrate_noise_multiplier(
             )  # fmt: skip
             return float(sigma)
 
-    sigma = _bisect_sigma(eps_at, target, EPSILON_TOLERANCE, MAX_NOISE_MULTIPLIER)
+    sigma = _bisect_sigma(eps_or_inf, target, EPSILON_TOLERANCE, MAX_NOISE_MULTIPLIER)
     logger.info(
         "calibrated noise multiplier %.4f for %d more rounds x %d steps (q=%.4g) after "
         "epsilon %.3g already spent: target epsilon %.3g at delta %g",

@@ -36,11 +36,22 @@ STRATEGIES = (
 NORM_ACTIONS = ("reject", "clip")
 OPTIMIZERS = ("adam", "sgd")
 HOLDOUTS = ("test", "validation")
-DP_MODES = ("auto", "hooks", "ew", "functorch", "ghost")
+DP_MODES = ("auto", "hooks", "ew", "functorch")
+"""Opacus modes that form per-sample gradients, which the site's release gate sanitises one by
+one (client/privacy/gate.py); ghost clipping never forms them, so a site cannot run it."""
 TOKEN_EMBEDDINGS = ("frozen", "trained")
 SECAGG_MODULUS = 2**32  # SecAgg+'s masking modulus (Flower's default, and its maximum)
 CLIENT_DP_CLIPPING = ("server", "client", "adaptive")
 AUDIT_KINDS = ("white-box-gradient", "black-box-input")  # client/canaries.py
+# Upper bounds on what a run may make a site do: every site validates the coordinator's settings
+# with this class, so a hostile value is refused before a record is read or memory is taken.
+MAX_ROUNDS = 10_000
+MAX_EPOCHS = 100
+MAX_BATCH = 2**20  # above any plausible site's record count
+MAX_WIDTH = 4096
+MAX_DEPTH = 64
+MAX_LENGTH = 8192
+MAX_VOCAB = 2**20
 
 
 class RunConfigError(ValueError):
@@ -164,7 +175,11 @@ class RunConfig:
             ("partitioner", self.partitioner in PARTITIONERS, f"one of {', '.join(PARTITIONERS)}"),
             ("strategy", self.strategy in STRATEGIES, f"one of {', '.join(STRATEGIES)}"),
             ("seed", 0 <= self.seed < 2**63, "an integer from 0 to 2**63 - 1"),  # numpy, torch
-            ("num-server-rounds", self.num_server_rounds >= 1, "an integer >= 1"),
+            (
+                "num-server-rounds",
+                1 <= self.num_server_rounds <= MAX_ROUNDS,
+                f"an integer from 1 to {MAX_ROUNDS}",
+            ),
             ("num-clients", self.num_clients >= 1, "an integer >= 1"),
             ("fraction-train", 0 < self.fraction_train <= 1, "a number in (0, 1]"),
             ("fraction-evaluate", 0 < self.fraction_evaluate <= 1, "a number in (0, 1]"),
@@ -178,8 +193,12 @@ class RunConfig:
             ("test-fraction", 0 < self.test_fraction < 1, "a number in (0, 1)"),
             ("holdout", self.holdout in HOLDOUTS, f"one of {', '.join(HOLDOUTS)}"),
             ("dirichlet-alpha", self.dirichlet_alpha > 0, "a number > 0"),
-            ("local-epochs", self.local_epochs >= 1, "an integer >= 1"),
-            ("batch-size", self.batch_size >= 1, "an integer >= 1"),
+            (
+                "local-epochs",
+                1 <= self.local_epochs <= MAX_EPOCHS,
+                f"an integer from 1 to {MAX_EPOCHS}",
+            ),
+            ("batch-size", 1 <= self.batch_size <= MAX_BATCH, f"an integer from 1 to {MAX_BATCH}"),
             ("learning-rate", self.learning_rate > 0, "a number > 0"),
             ("optimizer", self.optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
             ("dp-optimizer", self.dp_optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
@@ -216,24 +235,44 @@ class RunConfig:
             ("max-update-norm", self.max_update_norm >= 0, "0 (no bound) or a number > 0"),
             ("norm-action", self.norm_action in NORM_ACTIONS, f"one of {', '.join(NORM_ACTIONS)}"),
             ("max-num-examples", self.max_num_examples >= 1, "an integer >= 1"),
-            ("model-width", self.model_width >= 1, "an integer >= 1"),
-            ("model-depth", self.model_depth >= 1, "an integer >= 1"),
-            ("model-heads", self.model_heads >= 1, "an integer >= 1"),
+            (
+                "model-width",
+                1 <= self.model_width <= MAX_WIDTH,
+                f"an integer from 1 to {MAX_WIDTH}",
+            ),
+            (
+                "model-depth",
+                1 <= self.model_depth <= MAX_DEPTH,
+                f"an integer from 1 to {MAX_DEPTH}",
+            ),
+            (
+                "model-heads",
+                1 <= self.model_heads <= MAX_WIDTH,
+                f"an integer from 1 to {MAX_WIDTH}",
+            ),
             (
                 "model-width",
                 self.model_width % max(self.model_heads, 1) == 0,
                 f"a multiple of model-heads ({self.model_heads})",
             ),
-            ("max-length", self.max_length >= 1, "an integer >= 1"),
+            (
+                "max-length",
+                1 <= self.max_length <= MAX_LENGTH,
+                f"an integer from 1 to {MAX_LENGTH}",
+            ),
             ("noise-multiplier", self.noise_multiplier >= 0, "0 (calibrate) or a sigma > 0"),
             ("dp-mode", self.dp_mode in DP_MODES, f"one of {', '.join(DP_MODES)}"),
-            ("physical-batch-size", self.physical_batch_size >= 1, "an integer >= 1"),
+            (
+                "physical-batch-size",
+                1 <= self.physical_batch_size <= MAX_BATCH,
+                f"an integer from 1 to {MAX_BATCH}",
+            ),
             (
                 "dp-token-embedding",
                 self.dp_token_embedding in TOKEN_EMBEDDINGS,
                 f"one of {', '.join(TOKEN_EMBEDDINGS)}",
             ),
-            ("vocab-size", self.vocab_size >= 3, "an integer >= 3"),
+            ("vocab-size", 3 <= self.vocab_size <= MAX_VOCAB, f"an integer from 3 to {MAX_VOCAB}"),
             (
                 "example-count",
                 self.example_count in EXAMPLE_COUNT_MODES,
@@ -246,7 +285,11 @@ class RunConfig:
             ),
             ("audit-canaries", self.audit_canaries >= 0, "0 (no audit) or canaries per site"),
             ("audit-kind", self.audit_kind in AUDIT_KINDS, f"one of {', '.join(AUDIT_KINDS)}"),
-            ("lora-rank", self.lora_rank >= 0, "0 (LoRA off) or a rank >= 1"),
+            (
+                "lora-rank",
+                0 <= self.lora_rank <= MAX_WIDTH,
+                f"0 (LoRA off) or a rank from 1 to {MAX_WIDTH}",
+            ),
             (
                 "model",
                 self.model == "builtin" or self.model.startswith("hf:"),
@@ -298,18 +341,13 @@ class RunConfig:
         _raise_if_any(problems)
 
     def _gradient_canary_problems(self, source: str) -> list[str]:
-        """White-box canaries live in Confide's flat DP-SGD optimizer (client/dp_optimizer.py)."""
+        """White-box canaries live in Confide's flat DP-SGD optimizer (client/privacy/optimizer.py)."""
         problems = []
         if not self.dp:
             problems.append(
                 f"{source}: audit-canaries = {self.audit_canaries} of audit-kind "
                 "'white-box-gradient' need dp = true (they enter DP-SGD's clipped sum); set "
                 "dp = true or audit-kind = 'black-box-input'"
-            )
-        if self.dp_mode == "ghost":
-            problems.append(
-                f"{source}: audit-canaries of audit-kind 'white-box-gradient' cannot run with "
-                "dp-mode 'ghost' (Opacus' own optimizer, no canary hook); use dp-mode 'auto'"
             )
         return problems
 
@@ -337,7 +375,7 @@ class RunConfig:
 
     def privacy_budget(self) -> PrivacyBudget:
         """The budget the run asks for: each site plans its releases within it, and its own
-        policy's max-epsilon caps it (client/private_training.py)."""
+        policy's max-epsilon caps it (client/privacy/training.py)."""
         try:
             return PrivacyBudget(
                 target_epsilon=self.target_epsilon,

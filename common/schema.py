@@ -64,7 +64,7 @@ class NumericFeature:
         if not math.isfinite(self.center):
             raise SchemaError(
                 f"key '{toml_key('numeric', self.name, 'center')}': must be a finite number, "
-                f"got {self.center}; set it to the column's mean"
+                f"got {self.center}; set it to a reference value for the column (a published norm)"
             )
         if not (math.isfinite(self.scale) and self.scale > 0):
             raise SchemaError(
@@ -237,7 +237,12 @@ def schema_from_dict(data: Mapping[str, Any]) -> Schema:
     for col, spec in _table(data.get("numeric", {}), "numeric", "[numeric.<column>]").items():
         spec = _table(spec, toml_key("numeric", col), "with center and scale")
         _only_keys(spec, ("center", "scale"), toml_key("numeric", col))
-        center = _number(spec, "center", toml_key("numeric", col), "the column's mean")
+        center = _number(
+            spec,
+            "center",
+            toml_key("numeric", col),
+            "a reference value for the column (a published norm)",
+        )
         scale = _number(spec, "scale", toml_key("numeric", col), "the column's standard deviation")
         numeric.append(NumericFeature(col, center, scale))
 
@@ -324,9 +329,8 @@ _HEADER = """\
 # numeric.<column>: encoded as (value - center) / scale.
 # categorical.<column>: encoded as 1 + position in categories; 0 = a value not listed.
 # The order of the tables is the order of the model's inputs.
-# Drafted by `confide schema infer`? Then center/scale are the mean and standard deviation of the
-# file it read and categories its distinct values: statistics of those records. Replace them with
-# reference values (published norms, code lists) before sharing this file with the federation.
+# center/scale and categories are reference values (published norms, code lists) typed by the
+# operator, never statistics of one site's records: this file is shared with the federation.
 """
 
 

@@ -19,6 +19,7 @@ A policy file is TOML with kebab-case keys (all optional)::
     example-count = "private"    # private (noised once, charged) | exact (replace-one accounting)
     count-noise = 20.0           # standard deviation of the noisy record count
     tasks = ["heart"]            # tasks this site accepts (default: any)
+    test-fraction = 0.34         # share of the records held out for evaluation (the site's split)
     data-set = "cohort-2024"     # the ledger's name for these records (default: the site's name)
 
 In a simulation, `[sites.NAME]` tables override the top level for one virtual site.
@@ -60,6 +61,7 @@ class RunRequest(Protocol):
     noise_multiplier: float
     example_count: str
     training_metrics: str
+    test_fraction: float
 
 
 class PolicyError(ValueError):
@@ -84,6 +86,7 @@ class SitePolicy:
     example_count: str = "private"
     count_noise: float = 20.0
     tasks: tuple[str, ...] = ()
+    test_fraction: float = 0.34
     data_set: str = ""
     source: str = "built-in defaults"
 
@@ -125,7 +128,7 @@ class SitePolicy:
             f"training-metrics = {self.training_metrics}, example-count = {self.example_count} "
             f"({self.neighbours} neighbours)",
             f"  tasks = {', '.join(self.tasks) or 'any'}, min-noise-multiplier = "
-            f"{self.min_noise_multiplier:g}",
+            f"{self.min_noise_multiplier:g}, test-fraction = {self.test_fraction:g}",
         ]
 
 
@@ -146,6 +149,7 @@ def _problems(values: Mapping[str, Any], where: str) -> list[str]:
         "min-noise-multiplier": (int, float),
         "evaluation-share": (int, float),
         "count-noise": (int, float),
+        "test-fraction": (int, float),
         "accountant": (str,),
         "evaluation": (str,),
         "training-metrics": (str,),
@@ -168,6 +172,7 @@ def _problems(values: Mapping[str, Any], where: str) -> list[str]:
         ("min-noise-multiplier", lambda v: math.isfinite(v) and v > 0, "a number > 0, e.g. 0.5"),
         ("evaluation-share", lambda v: 0 < v < 1, "a number in (0, 1), e.g. 0.1"),
         ("count-noise", lambda v: math.isfinite(v) and v > 0, "a number > 0, e.g. 20"),
+        ("test-fraction", lambda v: 0 < v < 1, "a number in (0, 1), e.g. 0.34"),
         ("accountant", lambda v: v in ACCOUNTANTS, f"one of {', '.join(ACCOUNTANTS)}"),
         ("evaluation", lambda v: v in EVALUATION_MODES, f"one of {', '.join(EVALUATION_MODES)}"),
         (
@@ -194,7 +199,8 @@ def policy_from_mapping(values: Mapping[str, Any], source: str) -> SitePolicy:
     if problems:
         raise PolicyError("; ".join(problems))
     kwargs: dict[str, Any] = {FIELDS[key].name: value for key, value in values.items()}
-    for key in ("max_epsilon", "delta", "min_noise_multiplier", "evaluation_share", "count_noise"):
+    numbers = "max_epsilon delta min_noise_multiplier evaluation_share count_noise test_fraction"
+    for key in numbers.split():
         if key in kwargs:
             kwargs[key] = float(kwargs[key])
     if "tasks" in kwargs:
@@ -248,6 +254,7 @@ def rehearsal_policy(request: RunRequest) -> SitePolicy:
         accountant=request.accountant,
         training_metrics=request.training_metrics,
         example_count=request.example_count,
+        test_fraction=request.test_fraction,
         source="the run config (a rehearsal: no site policy given)",
     )
 

@@ -16,7 +16,7 @@ from common.pretrained_checkpoint import InitCheckpointError
 from common.privacy import PrivacyConfigError
 from common.privacy_ledger import LedgerError, RunSummary, summarize
 from common.run_config import RunConfigError, parse_override
-from common.schema import SchemaError, save_schema
+from common.schema import SchemaError
 from common.schema_inference import infer_schema
 from common.site_data import DataFileError
 from common.tasks import load_task, task_schema
@@ -323,24 +323,44 @@ def schema_infer(
     out: Annotated[
         Path | None, typer.Option(help="Where to write (default FILE.schema.toml)")
     ] = None,
+    ignore: Annotated[
+        list[str] | None, typer.Option(help="A column that is no feature (repeat for several)")
+    ] = None,
+    list_categories: Annotated[
+        bool,
+        typer.Option(
+            help="Copy the label's and each categorical column's values from FILE (record "
+            "content: review them before sharing)"
+        ),
+    ] = False,
 ) -> None:
-    """Write a schema (TOML) from a file; edit it, then share it with the federation."""
+    """Draft a schema (TOML) from a file's columns; type its TODOs, then share it."""
     try:
-        schema = infer_schema(file, label)
+        draft = infer_schema(file, label, ignore=ignore or (), list_values=list_categories)
     except (DataFileError, SchemaError) as error:
         raise fail(str(error)) from None
     target = out or file.with_suffix(".schema.toml")
-    save_schema(schema, target)
+    draft.save(target)
     console.print(
-        f"wrote {target}: {len(schema.numeric)} numeric, {len(schema.categorical)} categorical"
-        f"{', text ' + repr(schema.text) if schema.text else ''}; label {schema.label!r} with "
-        f"{len(schema.classes)} classes"
+        f"wrote {target}: {len(draft.numeric)} numeric, {len(draft.categorical)} categorical"
+        f"{', text ' + repr(draft.text) if draft.text else ''}; label {draft.label!r}",
+        soft_wrap=True,
+        markup=False,
     )
-    warn(
-        f"{target} holds statistics of {file}'s records (each numeric column's mean and standard "
-        "deviation, each categorical column's distinct values): replace them with reference "
-        "values before sharing it with the federation"
-    )
+    if todo := draft.todo():
+        console.print(
+            f"type in it, from reference values the federation agrees on (not from {file}'s "
+            "records), then share it:\n  " + "\n  ".join(todo),
+            soft_wrap=True,
+            markup=False,
+            highlight=False,
+        )
+    if list_categories:
+        warn(
+            f"{target} lists the label's and categorical columns' values found in {file}: "
+            "record content (a value seen once tells every party that record exists); review "
+            "each before sharing it with the federation"
+        )
 
 
 @app.command()

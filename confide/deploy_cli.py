@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from common.certificates.checking import describe
@@ -393,6 +394,12 @@ def coordinator_run(
 # ------------------------------------------------------------------------------------- join
 
 
+def show_refusal(reason: str) -> None:
+    """One line per request the site declined, naming the policy field (escaped: a reason may
+    quote a policy's `[sites.NAME]` table, which is not markup)."""
+    console.print(f"[bold yellow]refusal:[/] {escape(reason)}", soft_wrap=True, highlight=False)
+
+
 def join(
     role: Annotated[str, typer.Option(help="hospital | bank")],
     data: Annotated[Path, typer.Option(help="Your records (CSV/JSONL); never leaves this machine")],
@@ -486,7 +493,7 @@ def join(
             f"Log: {process.log_path}"
         )
 
-    code = supervise(process, should_stop.is_set, connected)
+    code = supervise(process, should_stop.is_set, connected, show_refusal)
     if code is not None:
         raise fail(explain_exit(process, key))
     console.print("left the federation")

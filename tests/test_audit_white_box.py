@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from client.canaries import GradientCanaries, SiteAudit, audit_file, read_audit_file
-from client.dp_optimizer import FlatPrivacyEngine
-from client.private_training import SitePrivacy, train_privately
+from client.privacy.optimizer import FlatPrivacyEngine
+from client.privacy.plan import SitePrivacy
+from client.privacy.site import RoundRequest, private_train
 from common.model_factory import build_model
 from common.partition import client_split
+from common.privacy import epsilon_of
 from common.privacy_audit import STEINKE, TRADEOFF, AuditBound, SiteScores, audit_bound
 from common.privacy_ledger import PrivacyLedger, dp_sgd_steps
 from common.run_config import RunConfig
@@ -37,7 +39,7 @@ def permissive_site(config: RunConfig, ledger: PrivacyLedger) -> SitePrivacy:
         max_epsilon=1e9, min_noise_multiplier=0.0, accountant=config.accountant,
         delta=config.target_delta, evaluation="off", example_count="exact",
     )  # fmt: skip
-    return SitePrivacy(policy, config.privacy_budget(), ledger, "test")
+    return SitePrivacy(policy, ledger, "test", config.max_grad_norm)
 
 
 def audit_one_site(tmp_path: Path, seed: int = 0, **settings: object) -> tuple[AuditBound, float]:
@@ -55,16 +57,19 @@ def audit_one_site(tmp_path: Path, seed: int = 0, **settings: object) -> tuple[A
     for server_round in range(1, config.num_server_rounds + 1):
         model = build_model(task_schema(config), config)
         model.load_state_dict(arrays)
-        with audit.round(server_round):
-            private = train_privately(
-                model, split.train, config, permissive_site(config, ledger), "run",
-                server_round, torch.device("cpu"),
+        with audit.round(server_round) as canaries:
+            private_train(
+                model, split, config, permissive_site(config, ledger),
+                RoundRequest("run", server_round, None, torch.device("cpu")), canaries.for_step,
             )  # fmt: skip
         arrays = model.state_dict()
     rounds = read_audit_file(audit_file(config, split.name))["rounds"].values()
     scores = SiteScores(split.name, np.sum(list(rounds), axis=0), audit.plan.included())
     plans = [dp_sgd_steps(ledger.entries())]
-    return audit_bound([scores], config.target_delta, 0.95, plans), private.epsilon_total
+    # The claim the audit tests: DP-SGD's rounds under add/remove neighbours (the permissive
+    # policy's exact count makes the ledger itself account for replace-one).
+    claimed = epsilon_of(plans[0], config.target_delta, config.accountant)
+    return audit_bound([scores], config.target_delta, 0.95, plans), claimed
 
 
 def test_without_real_noise_the_audit_proves_epsilon_at_least_4(tmp_path):
@@ -117,10 +122,10 @@ def test_canaries_are_drawn_at_the_records_poisson_rate(tmp_path):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(FlatPrivacyEngine, "_prepare_optimizer", spy)
-        with audit.round(1):
-            train_privately(
-                model, split.train, config, permissive_site(config, ledger), "run", 1,
-                torch.device("cpu"),
+        with audit.round(1) as canaries:
+            private_train(
+                model, split, config, permissive_site(config, ledger),
+                RoundRequest("run", 1, None, torch.device("cpu")), canaries.for_step,
             )  # fmt: skip
     assert drawn == [(1 / 4, int(audit.plan.included().sum()))]
 

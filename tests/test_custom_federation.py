@@ -44,7 +44,9 @@ def test_a_custom_schema_federation_is_one_command_on_the_coordinator(tmp_path):
         fed.launch_coordinator()  # the bank prepares its file and schema while it boots
         data = write_bank_file(tmp_path / "bank-own.csv")
         schema = tmp_path / "bank.schema.toml"
-        inferred = confide("schema", "infer", str(data), "--label", "y", "--out", str(schema))
+        inferred = confide(
+            "schema", "infer", str(data), "--label", "y", "--out", str(schema), "--list-categories"
+        )
         assert inferred.returncode == 0, inferred.stderr
         fed.wait_for_coordinator()
         join = fed.join_args(

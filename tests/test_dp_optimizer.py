@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from client.dp_optimizer import FlatDPOptimizer, FlatPrivacyEngine
+from client.privacy.optimizer import FlatDPOptimizer, FlatPrivacyEngine
 from tests.test_models import tabular_batch, tabular_model, text_batch, text_model
 
 MAX_GRAD_NORM = 0.05  # small enough that every example is clipped
@@ -99,3 +99,25 @@ def test_the_noise_has_opacus_scale_and_the_accountant_sees_every_step():
     dp_steps(reference, tabular_model(), inputs, "hooks", sigma, steps=1)
     assert engine.accountant.history == reference.accountant.history
     assert engine.get_epsilon(1e-5) == pytest.approx(reference.get_epsilon(1e-5))
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ew"])
+def test_an_example_whose_gradient_is_not_finite_contributes_nothing(mode):
+    torch.manual_seed(0)
+    model, (numeric, categorical) = tabular_model(), tabular_batch()
+    numeric = numeric.clone()
+    numeric[-1, 0] = float("nan")  # the last example's gradient is NaN, every other one finite
+    batch = len(numeric)
+    without_it, _ = dp_steps(
+        FlatPrivacyEngine(expected_batch_size=batch),
+        copy.deepcopy(model),
+        (numeric[:-1], categorical[:-1]),
+        mode,
+        0.0,
+    )
+    with_it, _ = dp_steps(
+        FlatPrivacyEngine(expected_batch_size=batch), model, (numeric, categorical), mode, 0.0
+    )
+    for ours, reference in zip(with_it.parameters(), without_it.parameters(), strict=True):
+        assert torch.isfinite(ours).all()
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)

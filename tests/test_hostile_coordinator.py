@@ -22,18 +22,21 @@ from client.app import app as client_app
 from client.local_data import _file_sha256, _load_site_file
 from common.evaluation import evaluate
 from common.model_factory import build_model
-from common.partition import holdout_split, site_split
+from common.partition import site_holdout, site_split
 from common.privacy_ledger import PrivacyLedger, summarize
 from common.run_config import RunConfig
 from common.site_data import load_site_data
+from common.site_policy import SitePolicy
 from common.tasks import task_schema
 from server.federation import evaluate_round, split_replies
 from server.strategy_choice import build_strategy
-from tests.deployment_fixtures import Background, running_federation, write_site
+from tests.deployment_fixtures import Background, running_federation, wait_for, write_site
 from tests.local_grid import LocalGrid
 
 SITE = "switzerland"
 NODE = 7
+SPLIT_SECRET = 12345  # the games below know the site's split: the attacker's best case
+TEST_FRACTION = SitePolicy().test_fraction
 
 
 def site_node(tmp_path, data, policy: str | None = None, ledger: str = "ledger.json") -> dict:
@@ -155,7 +158,7 @@ def flipped_world(tmp_path, config: RunConfig) -> tuple:
     world = write_site(tmp_path / "world-a.csv", SITE)
     with world.open() as handle:
         header, *rows = list(csv.reader(handle))
-    _, test = holdout_split(np.arange(len(rows)), config)
+    _, test = site_holdout(len(rows), TEST_FRACTION, "test", SPLIT_SECRET)
     target = int(test[0])
     label = header.index("disease")
     rows[target][label] = "1" if rows[target][label] == "0" else "0"
@@ -178,7 +181,8 @@ def distinguishing_game(tmp_path, config: RunConfig, policy: str | None, trials:
         dataset = load_site_data(
             world, task_schema(config), vocab_size=config.vocab_size, max_length=config.max_length
         )
-        result = evaluate(model, site_split(config, dataset, SITE).test, 256, torch.device("cpu"))
+        test = site_split(dataset, SITE, TEST_FRACTION, "test", SPLIT_SECRET).test
+        result = evaluate(model, test, 256, torch.device("cpu"))
         exact.append(result.accuracy * result.num_examples)
     assert abs(exact[0] - exact[1]) == pytest.approx(1.0)
     rng = random.Random(1)
@@ -186,6 +190,7 @@ def distinguishing_game(tmp_path, config: RunConfig, policy: str | None, trials:
     for trial in range(trials):
         truth = rng.randrange(2)
         node = site_node(tmp_path, worlds[truth], policy, ledger=f"ledger-{trial}.json")
+        (tmp_path / f"ledger-{trial}.split-secret").write_text(f"{SPLIT_SECRET}\n")
         grid = LocalGrid(client_app, config.to_mapping(), {NODE: node})
         strategy = build_strategy(config)
         answers = []
@@ -220,14 +225,16 @@ def test_under_the_default_policy_the_attack_stays_within_what_epsilon_allows(tm
     assert 0 < epsilon <= 1.0
     bound = math.exp(epsilon) / (1 + math.exp(epsilon))
     assert success <= bound + 3 * math.sqrt(bound * (1 - bound) / trials), (success, epsilon)
-    evaluations = PrivacyLedger.open(tmp_path / "ledger-0.json", SITE).entries()
+    entries = PrivacyLedger.open(tmp_path / "ledger-0.json", SITE).entries()
+    evaluations = [entry for entry in entries if entry.purpose == "evaluate"]
     assert len(evaluations) == config.num_server_rounds + 1  # then it stopped answering
 
 
 @pytest.mark.slow
 def test_a_hostile_coordinator_is_refused_by_joined_sites(tmp_path):
     """Over TLS, two sites with the strict default policy: a run without DP and a run asking for
-    epsilon 1000 are both refused at once, the reasons in metrics.json; the sites stay up."""
+    epsilon 1000 are both refused at once, the reasons in metrics.json and on each site's
+    `confide join` console; the sites stay up."""
     with running_federation(tmp_path, site_policy="") as fed:
         for number, settings in enumerate((["dp=false"], ["dp=true", "target-epsilon=1000"])):
             out = tmp_path / f"run-{number}"
@@ -249,6 +256,10 @@ def test_a_hostile_coordinator_is_refused_by_joined_sites(tmp_path):
             expected = "require-dp = true" if number == 0 else "max-epsilon = 3"
             assert all(expected in failure["reason"] for failure in initial["failures"])
             assert expected in metrics["error"]
+            for name, site in fed.sites.items():  # and on each site's `confide join` console
+                policy = fed.root / "nodes" / name / "site-policy.toml"
+                told = f"refusal: refused by site policy ({policy}): {expected}, but the run asks"
+                wait_for(lambda site=site, told=told: told in site.output(), 10, told)
         assert all(site.alive() for site in fed.sites.values())
 
 

@@ -180,7 +180,7 @@ def test_the_coordinator_evaluates_adapters_and_head_on_the_base_it_rebuilt() ->
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"lora-rank": -1}, r"'lora-rank' = -1 is invalid; use 0 \(LoRA off\) or a rank >= 1"),
+        ({"lora-rank": -1}, r"'lora-rank' = -1 is invalid; use 0 \(LoRA off\) or a rank from 1 to 4096"),
         ({"lora-alpha": 0.0}, r"'lora-alpha' = 0.0 is invalid"),
         ({"lora-rank": 65}, r"'lora-rank' = 65 exceeds attn.query's smaller dimension \(64 x 64\); use a rank from 1 to 64"),
         ({"lora-rank": 4, "lora-targets": "attn.qkv"}, r"'lora-targets' names 'attn.qkv', not a Linear in a block; use a comma list of attn.query, attn.key"),

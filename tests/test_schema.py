@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from common.schema import (
     CategoricalFeature,
@@ -16,7 +17,8 @@ from common.schema import (
     load_schema,
     save_schema,
 )
-from common.schema_inference import infer_schema
+from common.schema_inference import SchemaDraft, infer_schema
+from confide.cli import app
 
 TABULAR = Schema(
     label="y",
@@ -183,31 +185,25 @@ def small_csv(tmp_path: Path) -> Path:
     return write(tmp_path / "site.csv", "\n".join(lines) + "\n")
 
 
-def test_infer_detects_numeric_categorical_and_classes(tmp_path: Path) -> None:
-    schema = infer_schema(small_csv(tmp_path), "y", ignore=["note"])
-    assert schema.classes == ("no", "yes")
-    assert [f.name for f in schema.numeric] == ["age"]
-    assert schema.numeric[0].center == pytest.approx(35.0)
-    assert schema.numeric[0].scale == pytest.approx(3.41565, rel=1e-5)
-    assert schema.categorical == (CategoricalFeature("job", ("admin.", "blue-collar")),)
-    assert schema.text is None
+def test_infer_detects_numeric_categorical_and_text_columns(tmp_path: Path) -> None:
+    draft = infer_schema(small_csv(tmp_path), "y", ignore=["note"])
+    assert draft == SchemaDraft("y", numeric=("age",), categorical=(("job", ()),))
+
+
+def test_infer_lists_classes_and_categories_only_when_asked(tmp_path: Path) -> None:
+    draft = infer_schema(small_csv(tmp_path), "y", ignore=["note"], list_values=True)
+    assert draft.classes == ("no", "yes")
+    assert draft.categorical == (("job", ("admin.", "blue-collar")),)
 
 
 def test_infer_detects_long_free_text(tmp_path: Path) -> None:
     path = small_csv(tmp_path)
-    schema = infer_schema(path, "y", ignore=["age", "job"])
-    assert schema.text == "note"
-    assert schema.columns() == ("note", "y")
+    assert infer_schema(path, "y", ignore=["age", "job"]) == SchemaDraft("y", text="note")
 
 
 def test_infer_refuses_text_next_to_other_features(tmp_path: Path) -> None:
     with pytest.raises(SchemaError, match="ignore"):
         infer_schema(small_csv(tmp_path), "y")
-
-
-def test_infer_constant_column_gets_scale_one(tmp_path: Path) -> None:
-    path = write(tmp_path / "c.csv", "k,y\n5,a\n5,b\n")
-    assert infer_schema(path, "y").numeric == (NumericFeature("k", 5.0, 1.0),)
 
 
 def test_infer_refuses_identifier_columns(tmp_path: Path) -> None:
@@ -226,13 +222,84 @@ def test_infer_reads_gzipped_jsonl(tmp_path: Path) -> None:
     path = tmp_path / "site.jsonl.gz"
     records = [{"age": 20, "smoker": True, "y": 1}, {"age": 40, "smoker": False, "y": 0}]
     path.write_bytes(gzip.compress("\n".join(json.dumps(r) for r in records).encode()))
-    schema = infer_schema(path, "y")
-    assert schema.classes == ("0", "1")
-    assert schema.numeric == (NumericFeature("age", 30.0, 10.0),)
-    assert schema.categorical == (CategoricalFeature("smoker", ("false", "true")),)
+    draft = infer_schema(path, "y", list_values=True)
+    assert draft == SchemaDraft(
+        "y", ("0", "1"), numeric=("age",), categorical=(("smoker", ("false", "true")),)
+    )
 
 
-def test_inferred_schema_round_trips(tmp_path: Path) -> None:
-    schema = infer_schema(small_csv(tmp_path), "y", ignore=["note"])
-    save_schema(schema, tmp_path / "schema.toml")
-    assert load_schema(tmp_path / "schema.toml") == schema
+def test_a_drafted_schema_holds_nothing_of_the_records(tmp_path: Path) -> None:
+    """Neighbouring files (one record changed, one added) give the same bytes: no mean, spread,
+    extreme, category or class of the records reaches the file every party receives."""
+    first = small_csv(tmp_path)
+    lines = first.read_text().splitlines()
+    lines[1] = lines[1].replace("30,admin.", "97,technician").replace(",no", ",maybe")
+    lines.append("-5,retired,A short note,yes")
+    second = write(tmp_path / "neighbour.csv", "\n".join(lines) + "\n")
+    infer_schema(first, "y", ignore=["note"]).save(tmp_path / "first.toml")
+    infer_schema(second, "y", ignore=["note"]).save(tmp_path / "second.toml")
+    written = (tmp_path / "first.toml").read_bytes()
+    assert written == (tmp_path / "second.toml").read_bytes()
+    assert b"admin." not in written and b"35" not in written  # a category, the mean age
+
+
+def test_a_draft_is_refused_until_its_classes_are_typed(tmp_path: Path) -> None:
+    infer_schema(small_csv(tmp_path), "y", ignore=["note"]).save(tmp_path / "schema.toml")
+    with pytest.raises(SchemaError, match="'classes': is empty"):
+        load_schema(tmp_path / "schema.toml")
+
+
+def test_a_draft_loads_once_its_todos_are_typed(tmp_path: Path) -> None:
+    path = tmp_path / "schema.toml"
+    infer_schema(small_csv(tmp_path), "y", ignore=["note"]).save(path)
+    typed = (
+        path.read_text()
+        .replace("classes = []", 'classes = ["no", "yes"]')
+        .replace("center = 0.0\nscale = 1.0", "center = 40.0\nscale = 12.5")
+        .replace("categories = []", 'categories = ["admin.", "retired"]')
+    )
+    path.write_text(typed)
+    assert load_schema(path) == Schema(
+        "y",
+        ("no", "yes"),
+        (NumericFeature("age", 40.0, 12.5),),
+        (CategoricalFeature("job", ("admin.", "retired")),),
+    )
+
+
+def test_a_draft_with_listed_values_loads_with_numbers_unscaled(tmp_path: Path) -> None:
+    draft = infer_schema(small_csv(tmp_path), "y", ignore=["note"], list_values=True)
+    draft.save(tmp_path / "schema.toml")
+    assert load_schema(tmp_path / "schema.toml") == Schema(
+        "y",
+        ("no", "yes"),
+        (NumericFeature("age", 0.0, 1.0),),
+        (CategoricalFeature("job", ("admin.", "blue-collar")),),
+    )
+
+
+def test_a_text_draft_loads_once_its_classes_are_typed(tmp_path: Path) -> None:
+    path = tmp_path / "schema.toml"
+    infer_schema(small_csv(tmp_path), "y", ignore=["age", "job"]).save(path)
+    path.write_text(path.read_text().replace("classes = []", 'classes = ["no", "yes"]'))
+    assert load_schema(path) == Schema("y", ("no", "yes"), text="note")
+
+
+def test_schema_infer_prints_what_to_type(tmp_path: Path) -> None:
+    data = small_csv(tmp_path)
+    args = ["schema", "infer", str(data), "--label", "y", "--ignore", "note"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    assert "classes\n  numeric.age: center, scale\n  categorical.job: categories" in result.stdout
+    assert "warning" not in result.stderr
+    assert (tmp_path / "site.schema.toml").exists()
+
+
+def test_schema_infer_warns_when_it_lists_record_values(tmp_path: Path) -> None:
+    data = small_csv(tmp_path)
+    args = ["schema", "infer", str(data), "--label", "y", "--ignore", "note", "--list-categories"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    assert "numeric.age: center, scale" in result.stdout
+    assert "categorical.job" not in result.stdout
+    assert "warning:" in result.stderr and "record content" in result.stderr
