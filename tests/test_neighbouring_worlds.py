@@ -11,6 +11,7 @@ beyond the noise fails. The auditor's attacks follow as named regression tests.
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import pytest
 import torch
@@ -149,6 +150,41 @@ ADVERSARIAL_RECORDS = st.fixed_dictionaries(
 )
 
 
+def fuzzed(examples: int) -> settings:
+    """Hypothesis at a fixed count of examples, the same ones every run (CI repeats itself)."""
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
+
+
+def worlds(
+    directory: Path, site_file: tuple[list[str], list[list[str]]], neighbour: str,
+    record: list[str], policy: str = "", earlier_count: int | None = None,
+) -> tuple[Site, Site]:  # fmt: skip
+    """A site holding D and one holding its neighbour D', at one path in turn."""
+    header, rows = site_file
+    d, d_prime = neighbour_files(directory, header, rows, neighbour, record)
+    home = directory / "home"
+    return (
+        Site(d, directory / "home-d", home, policy, earlier_count),
+        Site(d_prime, directory / "home-d-prime", home, policy, earlier_count),
+    )
+
+
+def assert_neighbours_answer_alike(
+    directory: Path, site_file: tuple[list[str], list[list[str]]], case: tuple,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    message, neighbour, record, policy, earlier_count = case
+    world, twin = worlds(directory, site_file, neighbour, record, policy, earlier_count)
+    differences = compare_worlds(message, world, twin, neighbour == "replace", monkeypatch)
+    assert not differences, differences
+
+
 @st.composite
 def hostile_messages(draw) -> tuple[HostileMessage, str, dict, str, bool]:
     keys = draw(st.lists(st.sampled_from(sorted(EXTREMES)), max_size=4, unique=True))
@@ -172,13 +208,7 @@ def hostile_messages(draw) -> tuple[HostileMessage, str, dict, str, bool]:
     return message, neighbour, record, policy, earlier_count
 
 
-@settings(
-    max_examples=FUZZED_MESSAGES,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@fuzzed(FUZZED_MESSAGES)
 @given(case=hostile_messages())
 def test_hostile_messages_get_the_same_reply_from_neighbouring_data_sets(
     tmp_path_factory, heart_rows, monkeypatch, case
@@ -186,27 +216,15 @@ def test_hostile_messages_get_the_same_reply_from_neighbouring_data_sets(
     message, neighbour, record, policy, earlier_count = case
     if "exact" in policy and neighbour != "replace":
         return  # exact counts: the site accounts for replace-one neighbours only
-    header, rows = heart_rows
-    directory = tmp_path_factory.mktemp("worlds")
-    d, d_prime = neighbour_files(directory, header, rows, neighbour, [record[c] for c in header])
-    home = directory / "home"
-    world = Site(d, directory / "home-d", home, policy, earlier_count)
-    twin = Site(d_prime, directory / "home-d-prime", home, policy, earlier_count)
-    differences = compare_worlds(message, world, twin, neighbour == "replace", monkeypatch)
-    assert not differences, differences
+    case = (message, neighbour, heart_row(record, heart_rows), policy, earlier_count)
+    assert_neighbours_answer_alike(tmp_path_factory.mktemp("worlds"), heart_rows, case, monkeypatch)
 
 
 # ------------------------------------------------------------------ the auditor's attacks
 
 
-def worlds(tmp_path, heart_rows, neighbour: str, record: dict, policy: str = "", count=None):
-    header, rows = heart_rows
-    d, d_prime = neighbour_files(tmp_path, header, rows, neighbour, [record[c] for c in header])
-    home = tmp_path / "home"
-    return (
-        Site(d, tmp_path / "home-d", home, policy, count),
-        Site(d_prime, tmp_path / "home-d-prime", home, policy, count),
-    )
+def heart_row(record: dict[str, str], heart_rows: tuple) -> list[str]:
+    return [record[column] for column in heart_rows[0]]
 
 
 OLD_PATIENT = {"age": "77", "trestbps": "120", "chol": "240", "thalach": "150", "oldpeak": "1",
@@ -243,7 +261,7 @@ def test_weights_that_overflow_on_chosen_records_mark_none_of_them(
     monkeypatch.setattr(site_inputs, "MAX_RECEIVED_WEIGHT", float("inf"))
     weights = age_above(75.5, SMALL_MODEL)
     message = HostileMessage(kind, {**SMALL_MODEL, "batch-size": 64}, weights)
-    world, twin = worlds(tmp_path, heart_rows, "remove", OLD_PATIENT)
+    world, twin = worlds(tmp_path, heart_rows, "remove", heart_row(OLD_PATIENT, heart_rows))
     assert not compare_worlds(message, world, twin, False, monkeypatch)
 
 
@@ -253,7 +271,7 @@ def test_a_batch_above_the_sites_size_is_answered_without_its_size(
     message = HostileMessage(
         "train", {**SMALL_MODEL, "batch-size": 100_000}, site_weights(SMALL_MODEL)
     )
-    world, twin = worlds(tmp_path, heart_rows, "add", OLD_PATIENT)
+    world, twin = worlds(tmp_path, heart_rows, "add", heart_row(OLD_PATIENT, heart_rows))
     assert not compare_worlds(message, world, twin, False, monkeypatch)
 
 
@@ -308,7 +326,7 @@ def test_the_default_policy_answers_neighbours_alike(
     """The strict built-in policy (PRV accounting), on a site that never answered before."""
     message = HostileMessage(kind, SMALL_MODEL, site_weights(SMALL_MODEL))
     record = {**OLD_PATIENT, "sex": "9", "chol": "1e5"}  # an unlisted category, an extreme value
-    world, twin = worlds(tmp_path, heart_rows, neighbour, record)
+    world, twin = worlds(tmp_path, heart_rows, neighbour, heart_row(record, heart_rows))
     assert not compare_worlds(message, world, twin, neighbour == "replace", monkeypatch)
 
 
@@ -360,23 +378,9 @@ def hostile_text_messages(draw) -> tuple[HostileMessage, str, list[str], str, in
     return message, draw(st.sampled_from(NEIGHBOURS)), record, POLICIES[0], earlier_count
 
 
-@settings(
-    max_examples=TEXT_MESSAGES,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@fuzzed(TEXT_MESSAGES)
 @given(case=hostile_text_messages())
 def test_hostile_messages_to_a_text_site_get_the_same_reply_from_neighbours(
     tmp_path_factory, text_site, monkeypatch, case
 ):
-    message, neighbour, record, policy, earlier_count = case
-    header, rows = text_site
-    directory = tmp_path_factory.mktemp("worlds")
-    d, d_prime = neighbour_files(directory, header, rows, neighbour, record)
-    home = directory / "home"
-    world = Site(d, directory / "home-d", home, policy, earlier_count)
-    twin = Site(d_prime, directory / "home-d-prime", home, policy, earlier_count)
-    differences = compare_worlds(message, world, twin, neighbour == "replace", monkeypatch)
-    assert not differences, differences
+    assert_neighbours_answer_alike(tmp_path_factory.mktemp("worlds"), text_site, case, monkeypatch)
