@@ -126,7 +126,8 @@ class GradientCanaries:
         x = (self.directions @ noised.detach().cpu().to(torch.float32)).double() / max_grad_norm
         q = self.sample_rate
         drawn = math.log(q) + (2 * x - 1) / (2 * noise_multiplier**2)  # log q + log N(x-1)/N(x)
-        self.scores += torch.logaddexp(torch.full_like(x, math.log1p(-q)), drawn)
+        missed = math.log1p(-q) if q < 1 else -math.inf  # rate 1: a site's batch above its count
+        self.scores += torch.logaddexp(torch.full_like(x, missed), drawn)
 
 
 @dataclass

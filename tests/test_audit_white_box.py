@@ -140,3 +140,11 @@ def test_each_step_adds_the_log_likelihood_ratio_of_included_over_excluded():
     steps = np.array([[1.2, -0.3], [0.1, 0.9]])
     expected = np.log(0.75 + 0.25 * np.exp((2 * steps - 1) / (2 * sigma**2))).sum(axis=0)
     np.testing.assert_allclose(canaries.scores.numpy(), expected, rtol=1e-6)
+
+
+def test_at_sampling_rate_one_an_included_canary_is_in_every_step():
+    """A site whose planned batch is above its released count samples at rate 1: the score is
+    then the plain log-likelihood ratio (2x - 1) / (2 sigma^2), never log(1 - 1)."""
+    canaries = GradientCanaries(torch.eye(2), np.array([True, False]), sample_rate=1.0)
+    canaries.observe(torch.tensor([0.8, 0.1]), 1.0, 0.5)
+    np.testing.assert_allclose(canaries.scores.numpy(), [(1.6 - 1) / 0.5, (0.2 - 1) / 0.5])
