@@ -9,8 +9,9 @@ checked to be finite; a value that is not is never sent (`NonFiniteRelease`).
 
 Where the randomness comes from, the noise and the secret that seeds Poisson sampling, is the
 gate's `noise` (`EntropyNoise`: torch's Gaussian and secrets seeded from the OS, never from the
-run's seed, which the coordinator knows). Tests couple two worlds through it: the neighbouring-world harness (tests/neighbouring_worlds.py) records what the gate released
-on a data set D, replays exactly that on a neighbour D', and checks that the exact values the two
+run's seed, which the coordinator knows). Tests couple two worlds through it: the
+neighbouring-world harness (tests/neighbouring_worlds.py) records what the gate released on a
+data set D, replays exactly that on a neighbour D', and checks that the exact values the two
 worlds fed the gate differ by at most the declared sensitivity.
 """
 
@@ -32,6 +33,10 @@ class NoiseSource(Protocol):
         self, mechanism: str, exact: torch.Tensor, std: float, sensitivity: float
     ) -> torch.Tensor:
         """`exact` plus Gaussian noise of standard deviation `std`."""
+        ...
+
+    def secret(self) -> int:
+        """A fresh secret: the seed of a round's Poisson sampling."""
         ...
 
 
